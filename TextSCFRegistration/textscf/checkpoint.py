@@ -1,0 +1,110 @@
+"""Checkpoints: our self-describing format, and the authors' released state dicts.
+
+Our format is one ``torch.save`` file holding plain types and tensors only, so it loads with
+``torch.load(weights_only=True)``::
+
+    {"format": "textscf-checkpoint", "format_version": 1, "config": {...}, "state_dict": {...},
+     "metadata": {...}}
+
+The text matrix B the model was trained with is the ``text_matrix`` buffer inside the state dict.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from textscf.errors import CheckpointError
+from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
+
+FORMAT = "textscf-checkpoint"
+FORMAT_VERSION = 1
+
+
+def save_checkpoint(net: TextSCFNet, path: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write ``net`` with its configuration; the file appears atomically (temp file, then rename)."""
+    path = Path(path)
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": net.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "metadata": dict(metadata or {}),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_checkpoint_file(path: str | os.PathLike, map_location="cpu") -> dict:
+    """``torch.load(weights_only=True)`` with clear errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file written by textscf train")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy did not finish")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "it is corrupted, truncated, or not a PyTorch file: copy or download it again"
+        ) from exc
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[TextSCFNet, dict]:
+    """Rebuild a :class:`TextSCFNet` from a checkpoint; returns ``(net, metadata)``, the net in eval mode."""
+    payload = read_checkpoint_file(path, map_location)
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        keys = list(payload)[:3] if isinstance(payload, dict) else type(payload).__name__
+        raise CheckpointError(
+            f"{path} is not a textscf checkpoint (found {keys}); a plain state dict of the authors' brain "
+            "model loads with textscf.reference.load_reference_model"
+        )
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} has checkpoint format version {payload['format_version']}, newer than this textscf "
+            f"understands ({FORMAT_VERSION}); upgrade textscf"
+        )
+    try:
+        config = TextSCFConfig.from_dict(dict(payload["config"]))
+        state = payload["state_dict"]
+        net = TextSCFNet(config, state["text_matrix"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path} has an invalid configuration: {exc}") from exc
+    load_state_dict_checked(net, state, source=str(path))
+    net.eval()
+    return net, dict(payload.get("metadata", {}))
+
+
+def load_state_dict_checked(net: torch.nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict`` whose errors name the missing, unexpected and mis-shaped keys."""
+    own = net.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or misshaped:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+            if items:
+                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+        raise CheckpointError(
+            f"weights in {source} do not fit the model: {'; '.join(parts)}. "
+            "The file was saved for a different architecture (start channels, head kind, region count or text encoder)"
+        )
+    net.load_state_dict(state)

@@ -1,0 +1,72 @@
+"""Warping, scaling-and-squaring integration and field resizing (MONAI's Warp/DVF2DDF underneath).
+
+Displacements are ``(B, 3, I, J, K)`` in voxels of their grid, channel a along array axis a, resampling
+convention ``warped(x) = image(x + u(x))``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import DVF2DDF, Warp
+
+
+class SpatialTransformer(torch.nn.Module):
+    """``image(x + u(x))`` by ``grid_sample(align_corners=True)``; zero outside the image.
+
+    Args:
+        mode: "bilinear" (trilinear in 3-D) or "nearest" (labels).
+        padding_mode: "zeros" (images) or "border" (fields).
+
+    Shapes: ``image (B, C, I, J, K)``, ``displacement (B, 3, I, J, K)`` -> ``(B, C, I, J, K)``.
+    """
+
+    def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros"):
+        super().__init__()
+        self.warp = Warp(mode=mode, padding_mode=padding_mode)
+
+    def forward(self, image: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+        ref = self.warp.ref_grid
+        if ref is not None and (ref.device != displacement.device or ref.dtype != displacement.dtype):
+            self.warp.ref_grid = None  # MONAI caches the identity grid per shape, not per device/dtype
+        return self.warp(image, displacement)
+
+
+class ScalingAndSquaring(torch.nn.Module):
+    """Integrate a stationary velocity field by scaling and squaring (``steps`` squarings, 7 in the paper).
+
+    Shapes: ``(B, 3, I, J, K) -> (B, 3, I, J, K)``, both in voxels.
+    """
+
+    def __init__(self, steps: int = 7):
+        super().__init__()
+        self.steps = steps
+        self.integrate = DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="zeros")
+
+    def forward(self, velocity: torch.Tensor) -> torch.Tensor:
+        ref = self.integrate.warp_layer.ref_grid
+        if ref is not None and (ref.device != velocity.device or ref.dtype != velocity.dtype):
+            self.integrate.warp_layer.ref_grid = None
+        return self.integrate(velocity)
+
+
+def warp(image: torch.Tensor, displacement: torch.Tensor, mode: str = "bilinear") -> torch.Tensor:
+    """Functional form of :class:`SpatialTransformer` with zero padding."""
+    return SpatialTransformer(mode=mode)(image, displacement)
+
+
+def resize_field(field: torch.Tensor, size: tuple[int, int, int], rescale: bool = False) -> torch.Tensor:
+    """Trilinear resize of a displacement field (``align_corners=False``).
+
+    With ``rescale=False`` the values keep their units (the textSCF heads already emit full-resolution voxels);
+    with ``rescale=True`` channel a is multiplied by ``size[a] / field.shape[2 + a]`` to convert voxel units.
+    """
+    out = F.interpolate(field, size=tuple(size), mode="trilinear", align_corners=False)
+    if rescale:
+        factors = torch.tensor([s / f for s, f in zip(size, field.shape[2:])], dtype=field.dtype, device=field.device)
+        out = out * factors.view(1, 3, 1, 1, 1)
+    return out
+
+
+def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Displacement of ``x -> x + first(x) + second(x + first(x))`` (apply ``first``, then ``second``)."""
+    return first + SpatialTransformer(padding_mode="border")(second, first)
