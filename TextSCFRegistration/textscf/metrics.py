@@ -1,0 +1,318 @@
+"""Registration quality metrics: Jacobian determinant, SDlogJ, folding, Dice and HD95.
+
+numpy in, numpy / Python floats out (torch tensors are accepted and moved to the CPU). Arrays follow the engine
+convention of ``docs/ARCHITECTURE.md``: volumes are ``(I, J, K)`` in ITK index order and a displacement is
+``(3, I, J, K)``, channel ``a`` along array axis ``a``, in the resampling convention ``x -> x + u(x)``.
+
+Jacobian and SDlogJ follow the Learn2Reg evaluation code (``MDL-UzL/L2R``, ``evaluation/utils.py`` and
+``evaluation/evaluation.py``), checked there:
+
+- the Jacobian of ``x -> x + u(x)`` uses central differences ``(u[n+1] - u[n-1]) / 2`` (a ``[-0.5, 0, 0.5]``
+  correlation kernel) on a field in voxels;
+- Learn2Reg zero-pads at the volume border, which corrupts the outermost layer, and crops 2 voxels on every side
+  before anything else; SDlogJ is then ``std(log(clip(J + 3, 1e-9, 1e9)))`` (numpy ``std``, ``ddof=0``) over the
+  cropped volume. The ``+ 3`` is Learn2Reg's: it keeps moderately folded voxels finite in the log.
+
+Here :func:`jacobian_determinant` returns the full ``(I, J, K)`` volume (``np.gradient``: the same central
+differences inside, one-sided differences on the outermost layer instead of zero padding), and :func:`sdlogj` crops
+the same 2-voxel border, so the SDlogJ of a field equals Learn2Reg's. :func:`folding_percent` and the Jacobian
+min/max/mean of :func:`displacement_stats` use the whole volume (or the mask): no border crop.
+
+Dice and HD95 use MONAI (``compute_dice``, ``compute_hausdorff_distance``). Learn2Reg's HD95 uses DeepMind's
+``surface_distance`` (surfel-area-weighted percentile), so HD95 values can differ slightly from the leaderboard's.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.metrics import compute_dice, compute_hausdorff_distance
+
+from textscf.errors import InputError
+
+#: Learn2Reg crops this many voxels on every side before computing SDlogJ.
+L2R_BORDER = 2
+#: Voxels added on every side of the joint bounding box before HD95. At least one is needed so the erosion that
+#: finds the surface sees background around objects that do not touch the volume edge (MONAI's own crop uses 1).
+HD95_CROP_MARGIN = 2
+
+
+# ----------------------------------------------------------------------------------------------- validation helpers
+
+
+def _to_numpy(array: Any, name: str) -> np.ndarray:
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    if isinstance(array, np.ndarray):
+        return array
+    try:
+        return np.asarray(array)
+    except Exception as exc:  # pragma: no cover - exotic input
+        raise InputError(f"{name} must be a numpy array or a torch tensor, got {type(array).__name__}.") from exc
+
+
+def _as_field(displacement: Any) -> np.ndarray:
+    """(3, I, J, K) float array from numpy/torch, also accepting a leading batch of one."""
+    u = _to_numpy(displacement, "displacement")
+    if u.ndim == 5 and u.shape[0] == 1:
+        u = u[0]
+    if u.ndim != 4:
+        raise InputError(
+            f"displacement must have shape (3, I, J, K) (or (1, 3, I, J, K)), got {tuple(u.shape)}; "
+            "pass one 3-D vector field with the components first."
+        )
+    if u.shape[0] != 3:
+        raise InputError(
+            f"displacement must have 3 channels (one per array axis) first, got shape {tuple(u.shape)}; "
+            "move the component axis first (e.g. field.transpose(3, 0, 1, 2) for an (I, J, K, 3) array)."
+        )
+    if min(u.shape[1:]) < 3:
+        raise InputError(
+            f"displacement grid {tuple(u.shape[1:])} is too small: central differences need at least 3 voxels "
+            "along every axis."
+        )
+    if not np.issubdtype(u.dtype, np.floating) or u.dtype == np.float16:
+        u = u.astype(np.float32)
+    if not np.isfinite(u).all():
+        raise InputError("displacement contains NaN or infinite values; check the registration output.")
+    return u
+
+
+def _as_spacing(spacing: Any, name: str = "spacing") -> np.ndarray:
+    s = np.asarray(_to_numpy(spacing, name), dtype=np.float64).reshape(-1)
+    if s.size != 3 or not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise InputError(f"{name} must be 3 positive numbers (mm per voxel along axes i, j, k), got {spacing!r}.")
+    return s
+
+
+def _as_volume(array: Any, name: str) -> np.ndarray:
+    v = _to_numpy(array, name)
+    if v.ndim != 3:
+        raise InputError(f"{name} must be a 3-D (I, J, K) array, got shape {tuple(v.shape)}.")
+    return v
+
+
+def _as_mask(mask: Any, shape: tuple[int, ...], name: str = "mask") -> np.ndarray | None:
+    if mask is None:
+        return None
+    m = _to_numpy(mask, name)
+    if m.shape != tuple(shape):
+        raise InputError(f"{name} has shape {tuple(m.shape)} but the volume has shape {tuple(shape)}; "
+                         "give a mask on the same grid.")
+    return m.astype(bool, copy=False)
+
+
+def _check_same_shape(a: np.ndarray, b: np.ndarray, names: str) -> None:
+    if a.shape != b.shape:
+        raise InputError(f"{names} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}; "
+                         "resample both label maps onto the same grid first.")
+
+
+# ------------------------------------------------------------------------------------------------------- Jacobian
+
+
+def jacobian_determinant(displacement: Any, spacing: Sequence[float] | None = None) -> np.ndarray:
+    """Determinant of the Jacobian of ``x -> x + u(x)``.
+
+    Args:
+        displacement: ``(3, I, J, K)`` (or ``(1, 3, I, J, K)``) numpy array or torch tensor; channel ``a`` is the
+            displacement along array axis ``a``, in voxels when ``spacing`` is None.
+        spacing: ``(s_i, s_j, s_k)`` in mm when ``displacement`` is in mm (still along the array axes).
+
+    Returns:
+        ``(I, J, K)`` float array (float64 for float64 input, else float32).
+
+    With ``u`` in mm, ``v_a = u_a / s_a`` is the displacement in voxels and the index-space Jacobian is
+    ``I + d v_a / d idx_b``. The physical Jacobian ``delta_ab + (d u_a / d idx_b) / s_b`` equals
+    ``S (I + dv/didx) S^-1`` with ``S = diag(s)``, so both have the same determinant; a direction matrix
+    conjugates it again and changes nothing either. Derivatives are central differences inside and one-sided on
+    the outermost layer (``np.gradient``), exact for fields linear in the index.
+    """
+    u = _as_field(displacement)
+    if spacing is not None:
+        s = _as_spacing(spacing).astype(u.dtype)
+        u = u / s[:, None, None, None]
+    # g[a][b] = d u_a / d idx_b
+    g = [np.gradient(u[a]) for a in range(3)]
+    j00, j11, j22 = g[0][0] + 1, g[1][1] + 1, g[2][2] + 1
+    j01, j02, j10, j12, j20, j21 = g[0][1], g[0][2], g[1][0], g[1][2], g[2][0], g[2][1]
+    det = j00 * (j11 * j22 - j12 * j21) - j01 * (j10 * j22 - j12 * j20) + j02 * (j10 * j21 - j11 * j20)
+    return det.astype(u.dtype, copy=False)
+
+
+def sdlogj(jacobian: Any, mask: Any = None, border: int = L2R_BORDER) -> float:
+    """Standard deviation of the log Jacobian determinant, as Learn2Reg computes it.
+
+    Args:
+        jacobian: ``(I, J, K)`` Jacobian determinant (from :func:`jacobian_determinant`, full volume).
+        mask: optional ``(I, J, K)`` boolean array; only voxels inside it count.
+        border: voxels dropped on every side first (Learn2Reg: 2). 0 keeps the whole volume.
+
+    Returns:
+        ``std(log(clip(J + 3, 1e-9, 1e9)))`` over the cropped (and masked) voxels, ``ddof=0``.
+    """
+    jac = _as_volume(jacobian, "jacobian")
+    m = _as_mask(mask, jac.shape)
+    border = int(border)
+    if border < 0 or min(jac.shape) <= 2 * border:
+        raise InputError(f"cannot drop a {border}-voxel border from a volume of shape {tuple(jac.shape)}; "
+                         f"SDlogJ needs more than {2 * border} voxels along every axis.")
+    if border:
+        crop = (slice(border, -border),) * 3
+        jac = jac[crop]
+        m = None if m is None else m[crop]
+    values = jac if m is None else jac[m]
+    if values.size == 0:
+        raise InputError("the mask selects no voxel inside the volume (after dropping the border); "
+                         "give a mask that covers part of the image.")
+    log_j = np.log(np.clip(values.astype(np.float64) + 3.0, 1e-9, 1e9))
+    return float(np.std(log_j))
+
+
+def folding_percent(jacobian: Any, mask: Any = None) -> float:
+    """Percentage (0-100) of voxels with a Jacobian determinant ``<= 0``.
+
+    Args:
+        jacobian: ``(I, J, K)`` Jacobian determinant.
+        mask: optional ``(I, J, K)`` boolean array; the percentage is of the voxels inside it.
+    """
+    jac = _as_volume(jacobian, "jacobian")
+    m = _as_mask(mask, jac.shape)
+    values = jac if m is None else jac[m]
+    if values.size == 0:
+        raise InputError("the mask selects no voxel; give a mask that covers part of the image.")
+    return 100.0 * float(np.count_nonzero(values <= 0)) / values.size
+
+
+def displacement_stats(displacement: Any, spacing: Sequence[float] | None = None, mask: Any = None) -> dict[str, float]:
+    """Jacobian statistics of a displacement field.
+
+    Args:
+        displacement: ``(3, I, J, K)`` field, see :func:`jacobian_determinant`.
+        spacing: mm per voxel when the field is in mm, else None (voxels).
+        mask: optional ``(I, J, K)`` boolean array restricting every statistic.
+
+    Returns:
+        ``{"sdlogj", "folding_percent", "jacobian_min", "jacobian_max", "jacobian_mean"}`` as floats; SDlogJ drops
+        Learn2Reg's 2-voxel border, the others use every (masked) voxel.
+    """
+    jac = jacobian_determinant(displacement, spacing)
+    m = _as_mask(mask, jac.shape)
+    values = jac if m is None else jac[m]
+    if values.size == 0:
+        raise InputError("the mask selects no voxel; give a mask that covers part of the image.")
+    return {
+        "sdlogj": sdlogj(jac, m),
+        "folding_percent": folding_percent(jac, m),
+        "jacobian_min": float(values.min()),
+        "jacobian_max": float(values.max()),
+        "jacobian_mean": float(values.mean(dtype=np.float64)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------- label overlap
+
+
+def _label_pair(pred: Any, target: Any) -> tuple[np.ndarray, np.ndarray]:
+    p = _as_volume(pred, "pred")
+    t = _as_volume(target, "target")
+    _check_same_shape(p, t, "pred and target")
+    return p, t
+
+
+def _label_list(labels: Iterable[Any]) -> list[int]:
+    try:
+        out = [int(v) for v in labels]
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"labels must be integers, got {labels!r}.") from exc
+    if not out:
+        raise InputError("labels is empty; give the label values to evaluate (e.g. range(1, 14)).")
+    return out
+
+
+def _joint_bbox(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
+    """Slices of the bounding box of ``a | b`` grown by ``margin`` voxels (clipped to the volume)."""
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        other = tuple(ax for ax in range(union.ndim) if ax != axis)
+        idx = np.flatnonzero(union.any(axis=other))
+        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, union.shape[axis])))
+    return tuple(box)
+
+
+def _channel(x: np.ndarray) -> torch.Tensor:
+    # (1, 1, I, J, K): MONAI wants batch-first one-hot channels
+    return torch.from_numpy(np.ascontiguousarray(x))[None, None]
+
+
+def dice_per_label(pred: Any, target: Any, labels: Iterable[Any]) -> dict[int, float]:
+    """Dice overlap per label.
+
+    Args:
+        pred, target: ``(I, J, K)`` integer label maps on the same grid (e.g. warped moving labels, fixed labels).
+        labels: label values to evaluate.
+
+    Returns:
+        ``{label: dice}``; NaN when the label is absent from both maps, 0 when it is in only one.
+
+    One label at a time, cropped to the joint bounding box (Dice does not see background outside it), so memory
+    stays a few boolean volumes even for 192x160x256 with many labels.
+    """
+    p, t = _label_pair(pred, target)
+    out: dict[int, float] = {}
+    for label in _label_list(labels):
+        a, b = p == label, t == label
+        if not (a.any() or b.any()):
+            out[label] = math.nan
+            continue
+        box = _joint_bbox(a, b, margin=0)
+        score = compute_dice(_channel(a[box]), _channel(b[box]), include_background=True, ignore_empty=False)
+        out[label] = float(score.item())
+    return out
+
+
+def hd95_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Sequence[float]) -> dict[int, float]:
+    """95th-percentile symmetric Hausdorff distance per label, in mm.
+
+    Args:
+        pred, target: ``(I, J, K)`` integer label maps on the same grid.
+        labels: label values to evaluate.
+        spacing: ``(s_i, s_j, s_k)`` mm per voxel along the array axes (anisotropy honoured).
+
+    Returns:
+        ``{label: hd95_mm}``; NaN when the label is missing from either map.
+
+    Each label pair is cropped to its joint bounding box plus :data:`HD95_CROP_MARGIN` voxels before MONAI's
+    ``compute_hausdorff_distance(percentile=95)``: the surfaces and their distances lie inside the box, and the
+    margin keeps background around objects that do not touch the volume edge, so the value is unchanged.
+    """
+    p, t = _label_pair(pred, target)
+    s = [float(v) for v in _as_spacing(spacing)]
+    out: dict[int, float] = {}
+    for label in _label_list(labels):
+        a, b = p == label, t == label
+        if not (a.any() and b.any()):
+            out[label] = math.nan
+            continue
+        box = _joint_bbox(a, b, margin=HD95_CROP_MARGIN)
+        with warnings.catch_warnings():
+            # MONAI-internal noise: a deprecated argument MONAI passes itself, and empty-mask warnings (both masks
+            # are non-empty here)
+            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+            warnings.filterwarnings("ignore", message=".*is all 0.*")
+            hd = compute_hausdorff_distance(_channel(a[box]), _channel(b[box]), include_background=True,
+                                            percentile=95, spacing=s)
+        out[label] = float(hd.item())
+    return out
+
+
+def mean_ignoring_nan(values: Mapping[Any, float]) -> float:
+    """Mean of the dict's values ignoring NaN; NaN when there is no finite value."""
+    arr = np.asarray([float(v) for v in values.values()], dtype=np.float64)
+    arr = arr[~np.isnan(arr)]
+    return float(arr.mean()) if arr.size else math.nan
