@@ -1,0 +1,340 @@
+"""Training: weakly supervised textSCF (MSE + Dice on warped labels + λ‖∇u‖²), Adam with polynomial decay.
+
+Runs on one CPU/GPU or several processes with PyTorch's DistributedDataParallel (``torchrun``). Writes the best
+and last checkpoints in the engine's format, a CSV log, and a resumable training state.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from textscf import metrics
+from textscf.checkpoint import read_checkpoint_file, save_checkpoint
+from textscf.errors import CheckpointError, InputError
+from textscf.losses import RegistrationLoss, one_hot_regions
+from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
+from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, resolve_template
+from textscf.warp import SpatialTransformer
+
+TRAIN_STATE = "training_state.pt"
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings (the paper's defaults).
+
+    Attributes:
+        epochs: passes over ``steps_per_epoch`` pairs.
+        steps_per_epoch: pairs per epoch (None = the dataset's length).
+        learning_rate: Adam's initial rate (1e-4); decays as ``(1 - epoch / epochs) ** power``.
+        power: polynomial decay power (0.9).
+        smooth_weight: λ (0.1). dice_weight: weight of the Dice term (1).
+        similarity: "mse" or "ncc".
+        simulate_segmentor: probability of replacing p = 1 by a simulated segmentor confidence (lower near region
+            boundaries), so the shared filter w_r is trained too.
+        validate_every: epochs between validations.
+        seed: seeds Python, numpy and torch.
+        bf16: autocast to bfloat16 (GPUs). compile: ``torch.compile`` the model.
+        device: "auto", "cpu" or "cuda".
+        num_workers: DataLoader workers.
+    """
+
+    epochs: int = 100
+    steps_per_epoch: int | None = None
+    learning_rate: float = 1e-4
+    power: float = 0.9
+    smooth_weight: float = 0.1
+    dice_weight: float = 1.0
+    similarity: str = "mse"
+    simulate_segmentor: float = 0.5
+    validate_every: int = 1
+    seed: int = 0
+    bf16: bool = False
+    compile: bool = False
+    device: str = "auto"
+    num_workers: int = 0
+    show_progress: bool = True
+
+
+@dataclass
+class TrainResult:
+    best_checkpoint: Path | None
+    last_checkpoint: Path
+    best_val_dice: float
+    history: list[dict] = field(default_factory=list)
+
+
+def build_model(
+    region_names: list[str],
+    label_values: list[int],
+    text_encoder: str = "onehot",
+    template: str = "ct-abdomen",
+    start_channels: int = 8,
+    hidden_channels: int = 256,
+    head: str = "textscf",
+    integrate: bool = False,
+    modality: str = "ct",
+    spacing=(4.0, 4.0, 4.0),
+    input_shape=(96, 80, 128),
+    direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
+    seed: int = 0,
+) -> TextSCFNet:
+    """A fresh TextSCFNet for a prompt set; the text matrix comes from the (cached) text encoder."""
+    template = resolve_template(template)
+    if any(s % 16 for s in input_shape):
+        raise InputError(f"input shape {tuple(input_shape)} must be divisible by 16 along every axis")
+    if text_encoder == "onehot":
+        text_matrix = torch.eye(len(region_names) + 1)
+    else:
+        name = canonical_encoder_name(text_encoder)
+        text_matrix = EmbeddingCache().get_or_build(region_names, template, name, lambda: make_text_encoder(text_encoder))
+    intensity = {"kind": "ct_window", "window": [-500.0, 800.0]} if modality == "ct" else {
+        "kind": "percentile", "percentiles": [0.5, 99.5]}
+    config = TextSCFConfig(
+        num_regions=text_matrix.shape[0], text_dim=text_matrix.shape[1], start_channels=start_channels,
+        hidden_channels=hidden_channels, head=head, integrate=integrate, region_names=list(region_names),
+        label_values=[int(v) for v in label_values], text_encoder=text_encoder, template=template,
+        modality=modality, intensity=intensity, spacing=tuple(spacing), input_shape=tuple(input_shape),
+        direction=tuple(direction),
+    )
+    torch.manual_seed(seed)
+    return TextSCFNet(config, text_matrix)
+
+
+def simulate_segmentor(regions: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A segmentor-like confidence for ground-truth regions: lower near boundaries, with a random depth.
+
+    Args:
+        regions: ``(B, 1, I, J, K)`` long.
+
+    Returns:
+        ``(regions, confidence (B, 1, I, J, K))``; regions are unchanged.
+    """
+    r = regions.float()
+    boundary = (F.max_pool3d(r, 3, 1, 1) != -F.max_pool3d(-r, 3, 1, 1)).float()
+    near = F.avg_pool3d(boundary, 5, 1, 2)  # in [0, 1], 1 on thick boundaries
+    depth = 0.2 + 0.6 * torch.rand((), generator=generator).item()
+    noise = 0.05 * torch.randn(regions.shape, generator=generator)
+    confidence = (1.0 - depth * near + noise).clamp(0.0, 1.0)
+    return regions, confidence
+
+
+def poly_learning_rate(initial: float, epoch: int, epochs: int, power: float) -> float:
+    """``initial * (1 - epoch / epochs) ** power`` (the authors' schedule, per epoch)."""
+    return initial * max(0.0, 1.0 - epoch / max(1, epochs)) ** power
+
+
+def _distributed() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (gloo on CPU, nccl on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def _device(requested: str) -> torch.device:
+    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise InputError("CUDA was requested but torch sees no GPU; use --device cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@torch.no_grad()
+def validate(net: TextSCFNet, pairs: Dataset, device: torch.device) -> float:
+    """Mean Dice (regions present in either image, background excluded) over validation pairs, nearest warping."""
+    net.eval()
+    warp_nearest = SpatialTransformer(mode="nearest")
+    scores = []
+    for i in range(len(pairs)):
+        item = pairs[i]
+        m, f = item["moving"][None].to(device), item["fixed"][None].to(device)
+        mr, fr = item["moving_regions"][None].to(device), item["fixed_regions"][None].to(device)
+        out = net(m, f, fr)
+        warped = warp_nearest(mr.float(), out.displacement).round().long()
+        labels = sorted(set(torch.unique(fr).tolist()) | set(torch.unique(mr).tolist()) - {0})
+        dice = metrics.dice_per_label(warped[0, 0].cpu().numpy(), fr[0, 0].cpu().numpy(), labels)
+        scores.append(metrics.mean_ignoring_nan(dice))
+    net.train()
+    return float(np.nanmean(scores)) if scores else float("nan")
+
+
+def _save_state(path: Path, optimiser, epoch: int, best: float, history: list[dict], settings: TrainSettings):
+    tmp = path.with_suffix(".tmp")
+    torch.save({"optimizer": optimiser.state_dict(), "epoch": epoch, "best_val_dice": best,
+                "history": history, "settings": asdict(settings)}, tmp)
+    os.replace(tmp, path)
+
+
+def train(
+    net: TextSCFNet,
+    train_pairs: Dataset,
+    output_dir: str | os.PathLike,
+    settings: TrainSettings | None = None,
+    val_pairs: Dataset | None = None,
+    resume: bool = False,
+    metadata: dict | None = None,
+    on_epoch_end: Callable[[dict], None] | None = None,
+) -> TrainResult:
+    """Train ``net`` on (moving, fixed) pairs; checkpoints and logs go to ``output_dir``.
+
+    Args:
+        net: the model to train (its configuration is saved with every checkpoint).
+        train_pairs: items ``{"moving", "fixed": (1, I, J, K) float, "moving_regions", "fixed_regions":
+            (1, I, J, K) long}`` on the model's grid.
+        val_pairs: the same kind of items, for the validation Dice each epoch (best checkpoint by it).
+        resume: continue from ``output_dir/last.pt`` and its training state (optimizer, epoch, schedule).
+        metadata: stored in every checkpoint (data, settings) for the model card.
+
+    Returns:
+        :class:`TrainResult`.
+    """
+    settings = settings or TrainSettings()
+    out = Path(output_dir)
+    rank, world = _distributed()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    device = _device(settings.device)
+    torch.manual_seed(settings.seed + rank)
+    np.random.seed(settings.seed + rank)
+    history: list[dict] = []
+    start_epoch, best = 0, -math.inf
+
+    if resume:
+        last, state_path = out / "last.pt", out / TRAIN_STATE
+        if not last.is_file() or not state_path.is_file():
+            raise CheckpointError(f"nothing to resume in {out}: last.pt or {TRAIN_STATE} is missing")
+        payload = read_checkpoint_file(last)
+        net.load_state_dict(payload["state_dict"])
+        state = read_checkpoint_file(state_path)
+        start_epoch, best, history = int(state["epoch"]) + 1, float(state["best_val_dice"]), list(state["history"])
+
+    net.to(device).train()
+    model: torch.nn.Module = net
+    if world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if settings.compile:
+        model = torch.compile(model)
+    optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
+    if resume:
+        optimiser.load_state_dict(state["optimizer"])
+
+    sampler = torch.utils.data.DistributedSampler(train_pairs, world, rank, shuffle=True, seed=settings.seed) if world > 1 else None
+    generator = torch.Generator().manual_seed(settings.seed + rank)
+    loader = DataLoader(train_pairs, batch_size=1, shuffle=sampler is None, sampler=sampler,
+                        num_workers=settings.num_workers, generator=generator)
+    criterion = RegistrationLoss(settings.similarity, settings.dice_weight, settings.smooth_weight)
+    label_warp = SpatialTransformer()
+    confidence_rng = torch.Generator()
+    steps = settings.steps_per_epoch or len(loader)
+    log_path = out / "log.csv"
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    meta = dict(metadata or {})
+    meta["train_settings"] = asdict(settings)
+
+    for epoch in range(start_epoch, settings.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        lr = poly_learning_rate(settings.learning_rate, epoch, settings.epochs, settings.power)
+        for group in optimiser.param_groups:
+            group["lr"] = lr
+        # Every random stream restarts from (seed, epoch, rank), so a resumed run replays the same epochs.
+        epoch_seed = settings.seed * 100003 + epoch * 101 + rank
+        generator.manual_seed(epoch_seed)
+        confidence_rng.manual_seed(epoch_seed + 7)
+        torch.manual_seed(epoch_seed + 13)
+        t0 = time.perf_counter()
+        sums: dict[str, float] = {}
+        iterator = iter(loader)
+        bar = None
+        if settings.show_progress and rank == 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="pair", leave=False)
+        for step in range(steps):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                item = next(iterator)
+            m, f = item["moving"].to(device), item["fixed"].to(device)
+            mr, fr = item["moving_regions"].to(device), item["fixed_regions"].to(device)
+            # An explicit p = 1 keeps w_r in the graph (zero gradient), as DDP needs every step.
+            confidence = torch.ones_like(f)
+            if settings.simulate_segmentor > 0 and torch.rand((), generator=confidence_rng) < settings.simulate_segmentor:
+                _, confidence = simulate_segmentor(fr.cpu(), confidence_rng)
+                confidence = confidence.to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+                result = model(m, f, fr, confidence)
+            n = net.num_regions
+            warped_onehot = label_warp(one_hot_regions(mr, n), result.displacement.float())
+            loss, parts = criterion(result.warped.float(), f, result.regularised_field.float(), warped_onehot,
+                                    one_hot_regions(fr, n))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            parts["loss"] = float(loss.detach())
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+        if bar is not None:
+            bar.close()
+
+        row = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()},
+               "seconds": round(time.perf_counter() - t0, 2)}
+        if val_pairs is not None and rank == 0 and ((epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs):
+            row["val_dice"] = validate(net, val_pairs, device)
+        history.append(row)
+        if rank == 0:
+            meta.update(epoch=epoch + 1, history_tail=history[-3:])
+            save_checkpoint(net, last_path, meta)
+            if "val_dice" in row and row["val_dice"] > best:
+                best = row["val_dice"]
+                save_checkpoint(net, best_path, {**meta, "val_dice": best})
+            _save_state(out / TRAIN_STATE, optimiser, epoch, best, history, settings)
+            _write_log(log_path, history)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(best_path if best_path.is_file() else None, last_path, best, history)
+
+
+def _write_log(path: Path, history: list[dict]) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+    os.replace(tmp, path)
+
+
+def describe(result: TrainResult) -> str:
+    return json.dumps({"best": str(result.best_checkpoint), "last": str(result.last_checkpoint),
+                       "best_val_dice": result.best_val_dice, "epochs": len(result.history)})
