@@ -1,0 +1,804 @@
+"""The Slicer module's logic on real MRML (slicer-core, no Qt): conversions, output nodes, rollback, process()."""
+import hashlib
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (real MRML) is needed for the Slicer module tests")
+if not hasattr(slicer, "vtkMRMLScene"):
+    pytest.skip("the installed 'slicer' package has no MRML", allow_module_level=True)
+import SimpleITK as sitk  # noqa: E402
+import vtk  # noqa: E402
+
+from textscf.errors import CancelledError, CheckpointError, InputError, PromptError  # noqa: E402
+from textscf.results import RegistrationResult  # noqa: E402
+
+MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"
+F = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS
+
+
+@pytest.fixture(scope="module")
+def mod():
+    spec = importlib.util.spec_from_file_location("TextSCFRegistration", MODULE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def scene():
+    return slicer.vtkMRMLScene()
+
+
+@pytest.fixture
+def logic(mod, scene):
+    return mod.TextSCFRegistrationLogic(scene=scene)
+
+
+def rotation(ax, ay, az):
+    cx, sx, cy, sy, cz, sz = math.cos(ax), math.sin(ax), math.cos(ay), math.sin(ay), math.cos(az), math.sin(az)
+    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
+    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
+    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
+    return rz @ ry @ rx
+
+
+# Non-identity geometry: rotation, anisotropic spacing, offset.
+FIXED_DIRECTION_RAS = rotation(0.25, -0.15, 0.5)
+FIXED_SPACING = np.array([0.9, 1.4, 2.2])
+FIXED_ORIGIN_RAS = np.array([12.5, -30.0, 7.25])
+FIXED_SHAPE_IJK = (14, 12, 10)
+
+
+def ijk_to_ras(direction, spacing, origin):
+    m = np.eye(4)
+    m[:3, :3] = direction @ np.diag(spacing)
+    m[:3, 3] = origin
+    return m
+
+
+def vtk_matrix(array):
+    m = vtk.vtkMatrix4x4()
+    for r in range(4):
+        for c in range(4):
+            m.SetElement(r, c, float(array[r, c]))
+    return m
+
+
+def numpy_matrix(m):
+    return np.array([[m.GetElement(r, c) for c in range(4)] for r in range(4)])
+
+
+def add_volume(scene, array_kji, matrix, name="volume", class_name="vtkMRMLScalarVolumeNode"):
+    node = scene.AddNewNodeByClass(class_name, name)
+    slicer.util.updateVolumeFromArray(node, np.ascontiguousarray(array_kji))
+    node.SetIJKToRASMatrix(vtk_matrix(matrix))
+    return node
+
+
+def ijk_to_ras_of(node):
+    m = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(m)
+    return numpy_matrix(m)
+
+
+def grid_ras(node):
+    """RAS of every voxel, [k, j, i, 3]."""
+    dims = node.GetImageData().GetDimensions()
+    k, j, i = np.meshgrid(np.arange(dims[2]), np.arange(dims[1]), np.arange(dims[0]), indexing="ij")
+    ijk = np.stack([i, j, k], -1).astype(float)
+    m = ijk_to_ras_of(node)
+    return ijk @ m[:3, :3].T + m[:3, 3]
+
+
+def smooth_displacement_lps(points_lps):
+    x, y, z = points_lps[..., 0], points_lps[..., 1], points_lps[..., 2]
+    return np.stack([1.5 * np.sin(y / 9.0) + 0.3, -1.2 * np.cos(x / 11.0), 0.8 * np.sin(z / 7.0 + x / 13.0)], -1)
+
+
+@pytest.fixture
+def fixed_node(scene):
+    i, j, k = FIXED_SHAPE_IJK
+    array = np.arange(i * j * k, dtype=np.float32).reshape(k, j, i) * 0.5 - 20.0
+    return add_volume(scene, array, ijk_to_ras(FIXED_DIRECTION_RAS, FIXED_SPACING, FIXED_ORIGIN_RAS), "fixed")
+
+
+@pytest.fixture
+def moving_node(scene):
+    rng = np.random.default_rng(3)
+    array = rng.normal(size=(9, 11, 13)).astype(np.float32)
+    return add_volume(scene, array, ijk_to_ras(rotation(-0.1, 0.2, 0.05), np.array([1.1, 1.0, 1.7]),
+                                               np.array([-5.0, 4.0, 20.0])), "moving")
+
+
+def result_for(logic, fixed_node, jacobian_values=None, stats=None):
+    """A RegistrationResult built by hand on the fixed grid with a known smooth LPS displacement."""
+    reference = logic.volumeNodeToSitk(fixed_node)
+    points_lps = grid_ras(fixed_node) @ F.T
+    displacement = sitk.GetImageFromArray(smooth_displacement_lps(points_lps), isVector=True)
+    displacement.CopyInformation(reference)
+    if jacobian_values is None:
+        jacobian_values = 1.0 + 0.3 * np.sin(points_lps[..., 0] / 5.0)
+        jacobian_values[0, 0, :3] = [-0.2, 0.0, 0.01]
+    jacobian = sitk.GetImageFromArray(jacobian_values.astype(np.float32))
+    jacobian.CopyInformation(reference)
+    warped = sitk.Cast(reference, sitk.sitkFloat32) * 2.0
+    if stats is None:
+        stats = {
+            "sdlogj": 0.123, "folding_percent": 1.5, "jacobian_min": -0.2, "jacobian_max": 1.3,
+            "max_displacement_mm": 2.4, "seconds_total": 4.2, "seconds_per_stage": {"load model": 1.0, "register": 3.2},
+            "device": "cpu", "initial_alignment": "center: translation",
+            "dice": {"liver": 0.9, "spleen": 0.8}, "dice_before": {"liver": 0.7, "spleen": 0.5},
+            "hd95_mm": {"liver": 3.0, "spleen": 4.0}, "hd95_mm_before": {"liver": 9.0, "spleen": 12.0},
+            "mean_dice": 0.85, "mean_dice_before": 0.6, "mean_hd95_mm": 3.5, "mean_hd95_mm_before": 10.5,
+        }
+    return RegistrationResult(displacement=displacement, warped=warped, jacobian=jacobian, stats=stats,
+                              region_names=["background", "liver", "spleen"])
+
+
+def node_ids(scene):
+    return [scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())]
+
+
+def table_rows(table_node):
+    return [[table_node.GetCellText(r, c) for c in range(table_node.GetNumberOfColumns())]
+            for r in range(table_node.GetNumberOfRows())]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The module imports without Qt and exposes its classes
+
+
+def test_module_imports_without_qt_and_logic_is_usable(mod):
+    assert mod.SLICER_APP_AVAILABLE is False
+    assert mod.qt is None
+    for name in ("TextSCFRegistration", "TextSCFRegistrationWidget", "TextSCFRegistrationLogic",
+                 "TextSCFRegistrationTest"):
+        assert hasattr(mod, name)
+    with pytest.raises(RuntimeError, match="needs the 3D Slicer application"):
+        mod.TextSCFRegistrationWidget()
+
+    class Parent:
+        pass
+
+    parent = Parent()
+    mod.TextSCFRegistration(parent)
+    assert parent.categories == ["Registration"]
+    assert "TextSCF" in parent.title and "textSCF" in parent.helpText
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Volume node <-> SimpleITK
+
+
+def test_volume_node_to_sitk_geometry_and_values(logic, fixed_node):
+    image = logic.volumeNodeToSitk(fixed_node)
+    assert image.GetSize() == FIXED_SHAPE_IJK
+    np.testing.assert_allclose(image.GetSpacing(), FIXED_SPACING, rtol=1e-12)
+    np.testing.assert_allclose(image.GetOrigin(), F @ FIXED_ORIGIN_RAS, atol=1e-9)
+    np.testing.assert_allclose(np.array(image.GetDirection()).reshape(3, 3), F @ FIXED_DIRECTION_RAS, atol=1e-9)
+    # Every voxel lands at the same physical point (LPS = F RAS) in both worlds.
+    m = ijk_to_ras_of(fixed_node)
+    for ijk in [(0, 0, 0), (13, 0, 0), (0, 11, 9), (7, 5, 3), (13, 11, 9)]:
+        ras = m[:3, :3] @ np.array(ijk, float) + m[:3, 3]
+        np.testing.assert_allclose(image.TransformIndexToPhysicalPoint(ijk), F @ ras, atol=1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), slicer.util.arrayFromVolume(fixed_node))
+    assert image.GetPixelID() == sitk.sitkFloat32
+
+
+def test_volume_round_trip_preserves_geometry_and_values(logic, scene, fixed_node):
+    image = logic.volumeNodeToSitk(fixed_node)
+    copy = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "copy")
+    logic.updateVolumeNodeFromSitk(copy, image)
+    np.testing.assert_allclose(ijk_to_ras_of(copy), ijk_to_ras_of(fixed_node), atol=1e-9)
+    assert copy.GetImageData().GetDimensions() == fixed_node.GetImageData().GetDimensions()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(fixed_node))
+    # int64 label images are stored as int32 (VTK volumes cannot be long long)
+    labels = sitk.Cast(image > 0, sitk.sitkInt64)
+    labels_node = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
+    logic.updateVolumeNodeFromSitk(labels_node, labels)
+    assert slicer.util.arrayFromVolume(labels_node).dtype == np.int32
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(labels_node), sitk.GetArrayFromImage(labels))
+
+
+def test_volume_without_voxels_or_finite_values_is_an_input_error(logic, scene):
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    with pytest.raises(InputError, match="no voxels"):
+        logic.volumeNodeToSitk(empty)
+    nan = add_volume(scene, np.full((3, 4, 5), np.nan, np.float32), np.eye(4), "nan")
+    with pytest.raises(InputError, match="no finite value"):
+        logic.volumeNodeToSitk(nan)
+    rgb = scene.AddNewNodeByClass("vtkMRMLVectorVolumeNode", "rgb")
+    slicer.util.updateVolumeFromArray(rgb, np.zeros((3, 4, 5, 3), np.uint8))
+    with pytest.raises(InputError, match="3 components"):
+        logic.volumeNodeToSitk(rgb)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Output transform: vtkOrientedGridTransform as TransformFromParent, displacement in RAS
+
+
+def test_output_transform_matches_known_displacement(logic, scene, fixed_node, moving_node):
+    result = result_for(logic, fixed_node)
+    nodes = logic.createOutputNodes(result, fixed_node, moving_node)
+    transform_node = nodes["outputTransformNode"]
+    assert transform_node.GetClassName() == "vtkMRMLGridTransformNode"
+    grid = transform_node.GetTransformFromParent()
+    assert grid.GetClassName() == "vtkOrientedGridTransform"
+    # Direction matrix and grid geometry are the fixed volume's (in RAS)
+    direction = numpy_matrix(grid.GetGridDirectionMatrix())[:3, :3]
+    np.testing.assert_allclose(direction, FIXED_DIRECTION_RAS, atol=1e-9)
+    image = grid.GetDisplacementGrid()
+    np.testing.assert_allclose(image.GetOrigin(), FIXED_ORIGIN_RAS, atol=1e-9)
+    np.testing.assert_allclose(image.GetSpacing(), FIXED_SPACING, atol=1e-12)
+    assert image.GetDimensions() == FIXED_SHAPE_IJK
+
+    # At the voxel centres: T(x) = x + F d_LPS(F x)
+    points_ras = grid_ras(fixed_node)
+    expected = points_ras + smooth_displacement_lps(points_ras @ F.T) @ F.T
+    for index in [(0, 0, 0), (3, 4, 5), (9, 11, 13), (5, 2, 7), (8, 10, 1)]:
+        mapped = transform_node.GetTransformFromParent().TransformPoint(points_ras[index])
+        np.testing.assert_allclose(mapped, expected[index], atol=1e-6)
+
+    # Between voxel centres: same trilinear interpolation as ITK's displacement field transform, in RAS.
+    itk_transform = result.transform()
+    rng = np.random.default_rng(0)
+    m = ijk_to_ras_of(fixed_node)
+    for ijk in rng.uniform([1, 1, 1], [12, 10, 8], size=(20, 3)):
+        ras = m[:3, :3] @ ijk + m[:3, 3]
+        lps_mapped = np.array(itk_transform.TransformPoint(tuple(F @ ras)))
+        np.testing.assert_allclose(grid.TransformPoint(ras), F @ lps_mapped, atol=1e-6)
+        # and close to the analytic field (smooth)
+        analytic = ras + F @ smooth_displacement_lps(F @ ras)
+        np.testing.assert_allclose(grid.TransformPoint(ras), analytic, atol=0.1)
+
+    # References, and the moving volume placed under the transform (no warped volume requested)
+    assert transform_node.GetNodeReferenceID("fixedVolume") == fixed_node.GetID()
+    assert transform_node.GetNodeReferenceID("movingVolume") == moving_node.GetID()
+    assert moving_node.GetTransformNodeID() == transform_node.GetID()
+    assert nodes["outputVolumeNode"] is None
+
+
+def test_grid_transform_node_reads_back_as_the_same_displacement(logic, scene, fixed_node):
+    result = result_for(logic, fixed_node)
+    transform_node = scene.AddNewNodeByClass("vtkMRMLTransformNode", "t")
+    logic.setGridTransformFromDisplacement(transform_node, result.displacement)
+    sampled = logic.transformNodeToSitk(transform_node, fixed_node)
+    assert isinstance(sampled, sitk.DisplacementFieldTransform)
+    field = sampled.GetDisplacementField()
+    np.testing.assert_allclose(sitk.GetArrayFromImage(field), sitk.GetArrayFromImage(result.displacement), atol=1e-6)
+    np.testing.assert_allclose(field.GetOrigin(), result.displacement.GetOrigin(), atol=1e-9)
+
+
+def test_linear_initial_transform_becomes_lps_affine(logic, scene, fixed_node):
+    matrix_ras = np.eye(4)
+    matrix_ras[:3, :3] = rotation(0.1, 0.2, -0.3) * 1.05
+    matrix_ras[:3, 3] = [4.0, -7.0, 2.5]
+    node = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "initial")
+    node.SetMatrixTransformToParent(vtk_matrix(matrix_ras))  # moving under it is aligned to the fixed volume
+    affine = logic.transformNodeToSitk(node, fixed_node)
+    assert isinstance(affine, sitk.AffineTransform)
+    from_parent = node.GetTransformFromParent()
+    for ras in [(0.0, 0.0, 0.0), (10.0, -3.0, 5.0), (-20.0, 14.0, -8.0)]:
+        expected_ras = np.array(from_parent.TransformPoint(ras))  # fixed point -> moving point
+        np.testing.assert_allclose(affine.TransformPoint(tuple(F @ np.array(ras))), F @ expected_ras, atol=1e-9)
+    np.testing.assert_allclose(expected_ras, np.linalg.solve(matrix_ras, np.r_[ras, 1.0])[:3], atol=1e-9)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Jacobian volume and colour table
+
+
+def test_jacobian_volume_has_fixed_geometry_values_and_diverging_display(mod, logic, scene, fixed_node, moving_node):
+    result = result_for(logic, fixed_node)
+    nodes = logic.createOutputNodes(result, fixed_node, moving_node)
+    jacobian = nodes["jacobianVolumeNode"]
+    np.testing.assert_array_equal(ijk_to_ras_of(jacobian), ijk_to_ras_of(fixed_node))
+    assert jacobian.GetImageData().GetDimensions() == fixed_node.GetImageData().GetDimensions()
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(jacobian), sitk.GetArrayFromImage(result.jacobian))
+    assert slicer.util.arrayFromVolume(jacobian)[0, 0, 0] == pytest.approx(-0.2)
+
+    display = jacobian.GetDisplayNode()
+    color = nodes["jacobianColorNode"]
+    assert display.GetColorNodeID() == color.GetID()
+    assert display.GetAutoWindowLevel() == 0
+    assert display.GetWindow() == pytest.approx(mod.JACOBIAN_DISPLAY_MAX - mod.JACOBIAN_DISPLAY_MIN)
+    assert display.GetLevel() == pytest.approx(1.0)  # white (|J| = 1) in the middle of the window
+    assert color.GetNumberOfColors() == 256
+
+    def entry(j, quantize=None):
+        """Colour Slicer shows for Jacobian j: window/level maps to 0..255 (optionally quantised to unsigned char,
+        truncated or rounded), the table spans 0..255."""
+        x = (j - mod.JACOBIAN_DISPLAY_MIN) / (mod.JACOBIAN_DISPLAY_MAX - mod.JACOBIAN_DISPLAY_MIN)
+        if quantize is not None:
+            x = quantize(np.clip(x * 255.0, 0, 255)) / 255.0
+        index = int(np.clip(np.floor(x * 256), 0, 255))
+        rgba = [0.0] * 4
+        color.GetColor(index, rgba)
+        return index, np.array(rgba[:3])
+
+    for quantize in (None, np.floor, np.round):
+        for folded in (-0.5, -0.001, 0.0):
+            index, rgb = entry(folded, quantize)
+            assert index == 0
+            np.testing.assert_allclose(rgb, [0.0, 1.0, 0.0])  # bright green: folding
+        assert np.all(entry(0.01, quantize)[1] != [0.0, 1.0, 0.0])  # clearly positive: not green
+        assert np.all(entry(1.0, quantize)[1] > 0.97)
+    index, rgb = entry(1.0)
+    assert index == 128 and np.all(rgb > 0.97)            # white at 1
+    _, rgb = entry(0.02)
+    assert rgb[2] > rgb[0] + 0.4 and rgb[1] < 0.5          # strong blue near 0 (but not green)
+    _, rgb = entry(0.5)
+    assert rgb[2] > rgb[0] and rgb[2] > 0.8                 # blue below 1
+    _, rgb = entry(1.5)
+    assert rgb[0] > rgb[2] and rgb[0] > 0.8                 # red above 1
+    _, rgb = entry(3.0)
+    np.testing.assert_allclose(rgb, mod.JACOBIAN_HIGH_COLOR, atol=0.02)  # saturates red
+    # Monotonic fades: blue to white on (0, 1) (red channel rises), white to red on (1, 2) (blue channel falls).
+    below = [entry(j)[1][0] for j in np.linspace(0.05, 0.99, 20)]
+    above = [entry(j)[1][2] for j in np.linspace(1.01, 1.99, 20)]
+    assert np.all(np.diff(below) >= -1e-9) and below[-1] - below[0] > 0.6
+    assert np.all(np.diff(above) <= 1e-9) and above[0] - above[-1] > 0.6
+    # One table per scene: a second run reuses it
+    again = logic.createOutputNodes(result_for(logic, fixed_node), fixed_node, moving_node)
+    assert again["jacobianColorNode"] is color
+
+
+def test_displacement_magnitude_volume(logic, scene, fixed_node, moving_node):
+    result = result_for(logic, fixed_node)
+    nodes = logic.createOutputNodes(result, fixed_node, moving_node, showDisplacementMagnitude=True)
+    magnitude = nodes["displacementMagnitudeVolumeNode"]
+    expected = np.linalg.norm(sitk.GetArrayFromImage(result.displacement), axis=-1)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(magnitude), expected, rtol=1e-6)
+    np.testing.assert_array_equal(ijk_to_ras_of(magnitude), ijk_to_ras_of(fixed_node))
+
+
+def test_warped_volume_output_keeps_moving_volume_untransformed(logic, scene, fixed_node, moving_node):
+    result = result_for(logic, fixed_node)
+    warped = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "warped")
+    nodes = logic.createOutputNodes(result, fixed_node, moving_node, outputVolumeNode=warped)
+    assert nodes["outputVolumeNode"] is warped
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(warped), 2.0 * slicer.util.arrayFromVolume(fixed_node))
+    np.testing.assert_array_equal(ijk_to_ras_of(warped), ijk_to_ras_of(fixed_node))
+    assert moving_node.GetTransformNodeID() is None
+
+
+def test_outputs_follow_the_fixed_volume_parent_transform(logic, scene, fixed_node, moving_node):
+    parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "fixed parent")
+    fixed_node.SetAndObserveTransformNodeID(parent.GetID())
+    nodes = logic.createOutputNodes(result_for(logic, fixed_node), fixed_node, moving_node)
+    assert nodes["outputTransformNode"].GetTransformNodeID() == parent.GetID()
+    assert nodes["jacobianVolumeNode"].GetTransformNodeID() == parent.GetID()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Statistics table
+
+
+def test_stats_table_holds_the_numbers(logic, scene, fixed_node, moving_node):
+    nodes = logic.createOutputNodes(result_for(logic, fixed_node), fixed_node, moving_node)
+    table = nodes["statsTableNode"]
+    assert [table.GetColumnName(c) for c in range(table.GetNumberOfColumns())] == [
+        "Measure", "Region", "Value", "Before", "Note"]
+    rows = table_rows(table)
+    by_measure = {(r[0], r[1]): r for r in rows}
+    assert float(by_measure[("SDlogJ", "")][2]) == pytest.approx(0.123)
+    assert float(by_measure[("Folding |J| <= 0 (%)", "")][2]) == pytest.approx(1.5)
+    assert float(by_measure[("Jacobian min", "")][2]) == pytest.approx(-0.2)
+    assert float(by_measure[("Jacobian max", "")][2]) == pytest.approx(1.3)
+    assert float(by_measure[("Max displacement (mm)", "")][2]) == pytest.approx(2.4)
+    assert float(by_measure[("Run time (s)", "")][2]) == pytest.approx(4.2)
+    assert float(by_measure[("Run time: register (s)", "")][2]) == pytest.approx(3.2)
+    assert by_measure[("Device", "")][4] == "cpu"
+    assert by_measure[("Initial alignment", "")][4] == "center: translation"
+    assert float(by_measure[("Dice", "liver")][2]) == pytest.approx(0.9)
+    assert float(by_measure[("Dice", "liver")][3]) == pytest.approx(0.7)
+    assert float(by_measure[("Dice", "spleen")][3]) == pytest.approx(0.5)
+    assert float(by_measure[("HD95 (mm)", "spleen")][2]) == pytest.approx(4.0)
+    assert float(by_measure[("HD95 (mm)", "spleen")][3]) == pytest.approx(12.0)
+    assert float(by_measure[("Dice", "mean")][2]) == pytest.approx(0.85)
+    assert float(by_measure[("HD95 (mm)", "mean")][3]) == pytest.approx(10.5)
+    # Region rows follow the region order (index 0, the background, is not a row)
+    assert [r[1] for r in rows if r[0] == "Dice"] == ["liver", "spleen", "mean"]
+    # numeric columns are numeric
+    assert table.GetTable().GetColumnByName("Value").GetClassName() == "vtkDoubleArray"
+    assert math.isnan(table.GetTable().GetColumnByName("Before").GetValue(0))
+
+
+def test_stats_table_without_moving_segmentation_has_no_overlap_rows(logic, fixed_node, moving_node):
+    stats = {"sdlogj": 0.05, "folding_percent": 0.0, "jacobian_min": 0.6, "jacobian_max": 1.4,
+             "seconds_total": 1.0, "device": "cuda"}
+    nodes = logic.createOutputNodes(result_for(logic, fixed_node, stats=stats), fixed_node, moving_node)
+    measures = [r[0] for r in table_rows(nodes["statsTableNode"])]
+    assert "Dice" not in measures and "HD95 (mm)" not in measures
+    assert measures[:4] == ["SDlogJ", "Folding |J| <= 0 (%)", "Jacobian min", "Jacobian max"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Label maps and segmentations -> label map on the reference grid
+
+
+def test_labelmap_node_becomes_label_image(logic, scene, fixed_node):
+    i, j, k = FIXED_SHAPE_IJK
+    labels = np.zeros((k, j, i), np.int16)
+    labels[2:5, 3:8, 4:10] = 6
+    labels[6:9, 1:4, 1:5] = 1
+    node = add_volume(scene, labels, ijk_to_ras_of(fixed_node), "labels", "vtkMRMLLabelMapVolumeNode")
+    image, names, values = logic.labelImageFromNode(node, fixed_node, ["liver", "spleen"], [6, 1])
+    assert (names, values) == (["liver", "spleen"], [6, 1])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    assert image.GetPixelID() == sitk.sitkInt32
+    np.testing.assert_allclose(image.GetOrigin(), F @ FIXED_ORIGIN_RAS, atol=1e-9)
+    # Without a region list: the values present, named "label <v>" (no colour table in the scene)
+    _, names, values = logic.labelImageFromNode(node, fixed_node)
+    assert (names, values) == (["label 1", "label 6"], [1, 6])
+
+
+def test_labelmap_on_another_grid_is_resampled_to_the_reference(logic, scene, fixed_node):
+    # A coarser labelmap (axis aligned) covering the fixed volume: label = 1 where RAS x > 20, else 2
+    coarse = np.zeros((20, 30, 30), np.uint8)
+    origin = np.array([-10.0, -50.0, -20.0])
+    spacing = np.array([2.0, 2.0, 3.0])
+    k, j, i = np.meshgrid(np.arange(20), np.arange(30), np.arange(30), indexing="ij")
+    x = origin[0] + i * spacing[0]
+    coarse[:] = np.where(x > 20.0, 1, 2)
+    node = add_volume(scene, coarse, ijk_to_ras(np.eye(3), spacing, origin), "coarse", "vtkMRMLLabelMapVolumeNode")
+    image, _, _ = logic.labelImageFromNode(node, fixed_node, ["a", "b"], [1, 2])
+    assert image.GetSize() == FIXED_SHAPE_IJK
+    labels = sitk.GetArrayFromImage(image)
+    ras = grid_ras(fixed_node)
+    clear = np.abs(ras[..., 0] - 21.0) > 2.5  # away from the boundary between the two coarse voxel columns
+    np.testing.assert_array_equal(labels[clear], np.where(ras[..., 0] > 21.0, 1, 2)[clear])
+
+
+def test_segmentation_node_becomes_label_image_by_segment_name(logic, scene, fixed_node):
+    i, j, k = FIXED_SHAPE_IJK
+    labels = np.zeros((k, j, i), np.int16)
+    labels[2:5, 3:8, 4:10] = 3
+    labels[6:9, 1:4, 1:5] = 7
+    labelmap = add_volume(scene, labels, ijk_to_ras_of(fixed_node), "lm", "vtkMRMLLabelMapVolumeNode")
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
+    seg = segmentation.GetSegmentation()
+    ids = [seg.GetNthSegmentID(n) for n in range(seg.GetNumberOfSegments())]
+    seg.GetSegment(ids[0]).SetName("Liver")      # label 3 in the labelmap
+    seg.GetSegment(ids[1]).SetName("spleen")     # label 7
+    scene.RemoveNode(labelmap)
+
+    # Matched to the regions by name (case-insensitive), drawn with the regions' label values
+    image, names, values = logic.labelImageFromNode(segmentation, fixed_node, ["spleen", "liver", "aorta"], [1, 6, 8])
+    out = sitk.GetArrayFromImage(image)
+    expected = np.zeros_like(labels, dtype=np.int32)
+    expected[labels == 3] = 6
+    expected[labels == 7] = 1
+    np.testing.assert_array_equal(out, expected)
+    assert (names, values) == (["spleen", "liver", "aorta"], [1, 6, 8])
+
+    # Without regions: segment names, values 1..N in segment order
+    image, names, values = logic.labelImageFromNode(segmentation, fixed_node)
+    assert (names, values) == (["Liver", "spleen"], [1, 2])
+    expected = np.zeros_like(labels, dtype=np.int32)
+    expected[labels == 3] = 1
+    expected[labels == 7] = 2
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+
+    with pytest.raises(InputError, match="none of the segments"):
+        logic.labelImageFromNode(segmentation, fixed_node, ["kidney"], [2])
+
+
+def test_segmentation_written_from_label_image_reads_back(logic, scene, fixed_node):
+    reference = logic.volumeNodeToSitk(fixed_node)
+    array = np.zeros(sitk.GetArrayFromImage(reference).shape, np.uint8)
+    array[1:4, 2:6, 3:9] = 2
+    array[5:8, 7:10, 2:5] = 5
+    label_image = sitk.GetImageFromArray(array)
+    label_image.CopyInformation(reference)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    logic.sitkToSegmentationNode(label_image, segmentation, ["kidney", "ghost", "liver"], [2, 3, 5], fixed_node)
+    seg = segmentation.GetSegmentation()
+    assert [seg.GetNthSegment(n).GetName() for n in range(seg.GetNumberOfSegments())] == ["kidney", "liver"]
+    back, _, _ = logic.labelImageFromNode(segmentation, fixed_node, ["kidney", "liver"], [2, 5])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
+
+
+def test_regions_of_segmentation_and_validation(mod, logic, scene):
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
+    for name in ("lung", "heart"):  # (slicer-core registers no converter rules: AddEmptySegment fails there)
+        layer = slicer.vtkOrientedImageData()
+        layer.SetDimensions(2, 2, 2)
+        layer.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
+        layer.GetPointData().GetScalars().Fill(1)
+        segmentation.AddSegmentFromBinaryLabelmapRepresentation(layer, name, [1.0, 0.0, 0.0])
+    assert logic.regionsOfNode(segmentation) == (["lung", "heart"], [1, 2])
+    assert mod.TextSCFRegistrationLogic.validateRegions([("liver", 6), (" lung ", 14)]) == (["liver", "lung"], [6, 14])
+    for bad, message in [([], "empty"), ([("", 1)], "empty name"), ([("a", 0)], "positive"),
+                         ([("a", 1), ("A", 2)], "twice"), ([("a", 1), ("b", 1)], "two regions")]:
+        with pytest.raises(ValueError, match=message):
+            mod.TextSCFRegistrationLogic.validateRegions(bad)
+
+
+def test_preset_matching_recognises_bundled_region_sets(logic):
+    from textscf.presets import load_preset
+
+    preset = load_preset("abdomen-ct")
+    names = [n.upper().replace(" ", "_") for n in reversed(preset.region_names)]
+    assert logic.presetMatching(names, list(reversed(preset.label_values))) == "abdomen-ct"
+    assert logic.presetMatching(list(preset.region_names), [v + 1 for v in preset.label_values]) is None
+    assert logic.presetMatching(["lung"], [1]) is None
+
+
+def test_thread_safe_stream_defers_worker_output_to_the_main_thread(mod):
+    import io
+    import threading
+
+    target = io.StringIO()
+    stream = mod._ThreadSafeStream(target)
+    stream.write("main ")
+    worker = threading.Thread(target=lambda: stream.write("worker"))
+    worker.start()
+    worker.join()
+    assert target.getvalue() == "main "
+    stream.flushPending()
+    assert target.getvalue() == "main worker"
+    assert stream.getvalue() == "main worker"  # other attributes pass through
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# All or nothing: cancel or failure leaves the scene as it was
+
+
+def test_cancel_while_creating_outputs_removes_new_nodes(logic, scene, fixed_node, moving_node):
+    before = node_ids(scene)
+    calls = []
+
+    def cancel_on_third_poll():
+        calls.append(1)
+        return len(calls) >= 3  # after the transform and warped steps, the Jacobian step is cancelled
+
+    with pytest.raises(CancelledError):
+        logic.createOutputNodes(result_for(logic, fixed_node), fixed_node, moving_node,
+                                cancelCallback=cancel_on_third_poll)
+    assert len(calls) == 3
+    assert node_ids(scene) == before
+    assert moving_node.GetTransformNodeID() is None
+
+
+def test_failure_restores_existing_output_nodes(logic, scene, fixed_node, moving_node):
+    # Existing outputs with content of their own
+    old_transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "old transform")
+    old_matrix = np.eye(4)
+    old_matrix[:3, 3] = [1.0, 2.0, 3.0]
+    old_transform.SetMatrixTransformToParent(vtk_matrix(old_matrix))
+    old_jacobian = add_volume(scene, np.full((2, 3, 4), 7.0, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]), "old jac")
+    old_jacobian.CreateDefaultDisplayNodes()
+    old_color_id = old_jacobian.GetDisplayNode().GetColorNodeID()
+    old_table = scene.AddNewNodeByClass("vtkMRMLTableNode", "old table")
+    previous_parent = scene.AddNewNodeByClass("vtkMRMLLinearTransformNode", "moving parent")
+    moving_node.SetAndObserveTransformNodeID(previous_parent.GetID())
+    before = node_ids(scene)
+
+    # A statistic that cannot be a number fails the table step, after transform and Jacobian were written
+    bad_stats = {"sdlogj": "not a number", "device": "cpu"}
+    with pytest.raises(ValueError):
+        logic.createOutputNodes(result_for(logic, fixed_node, stats=bad_stats), fixed_node, moving_node,
+                                outputTransformNode=old_transform, jacobianVolumeNode=old_jacobian,
+                                statsTableNode=old_table, showDisplacementMagnitude=True)
+    assert node_ids(scene) == before
+    assert old_transform.IsLinear()
+    m = vtk.vtkMatrix4x4()
+    old_transform.GetMatrixTransformToParent(m)
+    np.testing.assert_allclose(numpy_matrix(m), old_matrix)
+    assert old_transform.GetNodeReferenceID("fixedVolume") is None
+    assert old_transform.GetAttribute("TextSCF.Output") is None and old_jacobian.GetAttribute("TextSCF.Output") is None
+    assert old_jacobian.GetImageData().GetDimensions() == (4, 3, 2)
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(old_jacobian), 7.0)
+    np.testing.assert_allclose(ijk_to_ras_of(old_jacobian), np.diag([2.0, 2.0, 2.0, 1.0]))
+    assert old_jacobian.GetDisplayNode().GetColorNodeID() == old_color_id  # display restored too
+    assert old_jacobian.GetDisplayNode().GetAutoWindowLevel() == 1
+    assert old_table.GetNumberOfRows() == 0
+    assert moving_node.GetTransformNodeID() == previous_parent.GetID()
+
+
+def test_existing_output_nodes_are_filled_in_place(logic, scene, fixed_node, moving_node):
+    transform = scene.AddNewNodeByClass("vtkMRMLTransformNode", "mine")
+    table = scene.AddNewNodeByClass("vtkMRMLTableNode", "my table")
+    nodes = logic.createOutputNodes(result_for(logic, fixed_node), fixed_node, moving_node,
+                                    outputTransformNode=transform, statsTableNode=table)
+    assert nodes["outputTransformNode"] is transform and nodes["statsTableNode"] is table
+    assert transform.GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
+    assert table.GetNumberOfRows() > 5
+
+
+def test_process_with_nan_volume_fails_and_leaves_the_scene_unchanged(logic, scene, fixed_node):
+    nan = add_volume(scene, np.full((4, 5, 6), np.nan, np.float32), np.eye(4), "nan moving")
+    before = node_ids(scene)
+    with pytest.raises(InputError, match="no finite value"):
+        logic.process(fixed_node, nan, {"device": "cpu"})
+    assert node_ids(scene) == before
+    empty = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "empty")
+    before = node_ids(scene)
+    with pytest.raises(InputError, match="no voxels"):
+        logic.process(empty, fixed_node)
+    with pytest.raises(InputError, match="different nodes"):
+        logic.process(fixed_node, fixed_node)
+    assert node_ids(scene) == before
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Checkpoint download (URL + SHA-256)
+
+
+def test_download_checkpoint_verifies_sha256(mod, tmp_path):
+    source = tmp_path / "model.pt"
+    source.write_bytes(b"textscf weights" * 1000)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    path = mod.TextSCFRegistrationLogic.downloadCheckpoint(source.as_uri(), digest.upper(), str(cache))
+    assert Path(path).read_bytes() == source.read_bytes()
+    assert Path(path).parent == cache and Path(path).name.endswith("model.pt")
+    # cached: a second call does not need the source any more
+    source.unlink()
+    assert mod.TextSCFRegistrationLogic.downloadCheckpoint(source.as_uri(), digest, str(cache)) == path
+
+    other = tmp_path / "other.pt"
+    other.write_bytes(b"something else")
+    with pytest.raises(CheckpointError, match="SHA-256"):
+        mod.TextSCFRegistrationLogic.downloadCheckpoint(other.as_uri(), "0" * 64, str(cache))
+    assert sorted(p.name for p in cache.iterdir()) == [Path(path).name]  # nothing left behind
+    with pytest.raises(CheckpointError, match="64 hexadecimal"):
+        mod.TextSCFRegistrationLogic.downloadCheckpoint(other.as_uri(), "abc", str(cache))
+    with pytest.raises(CheckpointError, match="could not download"):
+        mod.TextSCFRegistrationLogic.downloadCheckpoint((tmp_path / "missing.pt").as_uri(), "0" * 64, str(cache))
+
+
+def test_dependency_check_lists_only_missing_packages(mod):
+    missing = mod.TextSCFRegistrationLogic.missingRequirements()
+    for module_name, requirement in mod.ENGINE_REQUIREMENTS.items():
+        assert (requirement in missing) == (importlib.util.find_spec(module_name) is None)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end through textscf.pipeline.register (skipped until the pipeline exists)
+
+
+def _pipeline_has_register():
+    try:
+        from textscf import pipeline
+    except Exception:
+        return False
+    return hasattr(pipeline, "register") and hasattr(pipeline, "RegistrationOptions")
+
+
+def _has_example_pair():
+    try:
+        from textscf.phantom import make_example_pair  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+needs_pipeline = pytest.mark.skipif(not (_pipeline_has_register() and _has_example_pair()),
+                                    reason="textscf.pipeline.register / textscf.phantom.make_example_pair missing")
+
+
+@pytest.fixture(scope="module")
+def example_pair():
+    from textscf.phantom import make_example_pair
+
+    return make_example_pair()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, example_pair):
+    """A small one-hot model over the example pair's regions (random weights): fast on the CPU, no downloads."""
+    import torch
+
+    from textscf.checkpoint import save_checkpoint
+    from textscf.networks import TextSCFConfig, TextSCFNet
+
+    names = [example_pair["label_names"][v] for v in sorted(example_pair["label_names"])]
+    n = len(names) + 1
+    cfg = TextSCFConfig(num_regions=n, text_dim=n, start_channels=2, hidden_channels=8, region_names=names,
+                        label_values=sorted(example_pair["label_names"]), input_shape=(48, 48, 64),
+                        spacing=(8.0, 8.0, 8.0))
+    torch.manual_seed(0)
+    net = TextSCFNet(cfg, torch.eye(n)).eval()
+    return str(save_checkpoint(net, tmp_path_factory.mktemp("model") / "tiny.pt"))
+
+
+@needs_pipeline
+def test_process_end_to_end_on_the_example_pair(logic, scene, example_pair, tiny_checkpoint):
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    fixed, moving = pair["fixedVolumeNode"], pair["movingVolumeNode"]
+    seg = pair["fixedSegmentationNode"].GetSegmentation()
+    assert seg.GetNumberOfSegments() > 5
+    assert seg.GetNthSegment(0).GetName() in pair["regionNames"]
+
+    # Preset regions: the segments are matched to the preset's names and drawn with its label values.
+    stages = []
+    nodes = logic.process(fixed, moving, {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
+                          fixedSegmentationNode=pair["fixedSegmentationNode"],
+                          movingSegmentationNode=pair["movingSegmentationNode"],
+                          progressCallback=lambda stage, fraction: stages.append((stage, fraction)))
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    assert "register" in [s for s, _ in stages]
+
+    transform = nodes["outputTransformNode"]
+    assert transform.GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
+    assert moving.GetTransformNodeID() == transform.GetID()
+    assert pair["movingSegmentationNode"].GetTransformNodeID() == transform.GetID()
+    jacobian = nodes["jacobianVolumeNode"]
+    np.testing.assert_array_equal(ijk_to_ras_of(jacobian), ijk_to_ras_of(fixed))
+    assert jacobian.GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
+    result = logic.lastResult
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(jacobian), sitk.GetArrayFromImage(result.jacobian))
+    # The transform is the engine's displacement, in RAS
+    probe = grid_ras(fixed)[20, 30, 40]
+    lps = np.array(result.transform().TransformPoint(tuple(F @ probe)))
+    np.testing.assert_allclose(transform.GetTransformFromParent().TransformPoint(probe), F @ lps, atol=1e-4)
+
+    rows = table_rows(nodes["statsTableNode"])
+    regions = [r[1] for r in rows if r[0] == "Dice"]
+    assert "mean" in regions and len(regions) >= 2
+    mean = [r for r in rows if r[0] == "Dice" and r[1] == "mean"][0]
+    assert float(mean[2]) == pytest.approx(result.stats["mean_dice"], rel=1e-4)
+    assert float(mean[3]) == pytest.approx(result.stats["mean_dice_before"], rel=1e-4)
+    assert [r for r in rows if r[0] == "Device"][0][4] == "cpu"
+
+
+@needs_pipeline
+def test_process_cancelled_by_the_user_leaves_the_scene_unchanged(logic, scene, example_pair, tiny_checkpoint):
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    before = node_ids(scene)
+    polls = []
+
+    def cancel():
+        polls.append(1)
+        return len(polls) > 2  # cancel inside the pipeline, after it started
+
+    with pytest.raises(CancelledError):
+        logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                      {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
+                      fixedSegmentationNode=pair["fixedSegmentationNode"], cancelCallback=cancel)
+    assert len(polls) == 3
+    assert node_ids(scene) == before
+    assert pair["movingVolumeNode"].GetTransformNodeID() is None
+
+
+@needs_pipeline
+def test_process_with_regions_from_the_segment_names(logic, scene, example_pair, tiny_checkpoint):
+    """No preset, no region list: the fixed segmentation's segment names are the prompts."""
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    nodes = logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                          {"checkpoint": tiny_checkpoint, "device": "cpu"},
+                          fixedSegmentationNode=pair["fixedSegmentationNode"],
+                          movingSegmentationNode=pair["movingSegmentationNode"])
+    segmentation = pair["fixedSegmentationNode"].GetSegmentation()
+    segment_names = [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())]
+    assert logic.lastResult.region_names == ["background"] + segment_names
+    dice_regions = [r[1] for r in table_rows(nodes["statsTableNode"]) if r[0] == "Dice"]
+    assert dice_regions == segment_names + ["mean"]
+
+
+def _bundled_model_available():
+    if not _pipeline_has_register():
+        return False
+    from textscf import pipeline
+
+    try:
+        pipeline.bundled_model_path()
+    except Exception:
+        return False
+    return True
+
+
+@needs_pipeline
+@pytest.mark.slow
+@pytest.mark.skipif(not _bundled_model_available(), reason="no bundled model in this installation yet")
+def test_module_self_test_runs_headless(mod):
+    """The in-Slicer self-test (bundled model, example pair, Dice after > before) also runs on slicer-core."""
+    mod.TextSCFRegistrationTest().runTest()
