@@ -1,0 +1,595 @@
+"""Reading and writing images, label maps and ITK displacement-field transforms.
+
+Every reader checks its input and raises :class:`textscf.errors.InputError` naming the file, the problem
+and the fix; every writer refuses to overwrite unless asked (:class:`textscf.errors.OutputError`) and writes
+to a temporary name in the target folder first, so a failed write never leaves a partial file behind.
+
+Displacement fields
+-------------------
+A displacement field is a 3-component float64 SimpleITK vector image in ITK's LPS millimetres, resampling
+convention: the fixed point ``x`` maps to the moving point ``x + d(x)`` (``warped(x) = moving(x + d(x))``).
+:func:`write_displacement_transform` stores it so that both ITK and 3D Slicer read it back as that transform:
+
+- ``.h5`` / ``.hdf5``: an ITK transform file holding one ``DisplacementFieldTransform_double_3_3``
+  (read with ``sitk.ReadTransform``). Slicer reads every ITK transform file as a resampling
+  ("TransformFromParent") transform in LPS and converts it to RAS itself.
+- ``.nii`` / ``.nii.gz``: a NIfTI-1 vector image, 5-D layout ``(I, J, K, 1, 3)`` (dim[0] = 5, dim[4] = 1,
+  dim[5] = 3), qform = sform = the grid's RAS affine, and by default intent code 1006
+  (``NIFTI_INTENT_DISPVECT``) with the vectors stored in **RAS** (first two components negated). This is what
+  Slicer itself writes (vtkMRMLTransformStorageNode::WriteToImageFile sets intent_code 1006), what Slicer's
+  reader expects (it warns "may not contain valid displacement field" for any other intent, and loads a dropped
+  NIfTI/NRRD file as a transform rather than a vector volume only when its intent_code is 1006), and what
+  ITK >= 5.3 converts back to LPS on reading (NiftiImageIO, ConvertRASDisplacementVectors). SimpleITK cannot
+  write that variant itself (its vector images are variable-length vectors, which ITK's RAS conversion
+  refuses), so the file is written with nibabel. ``nifti_intent=1007`` (``NIFTI_INTENT_VECTOR``) instead writes
+  what plain ``sitk.WriteImage`` writes: the vectors in **LPS** unchanged (the ANTs/ITK convention). ITK reads
+  both kinds back as LPS; Slicer reads the 1007 kind correctly too (the vectors are taken as LPS) but warns.
+- ``.nrrd``: a vector NRRD (``kinds: vector domain domain domain``, ``space: left-posterior-superior``) with
+  LPS vectors and the key/values ``intent_code:=1006`` and ``displacement field type:=resampling``, the two
+  fields Slicer's transform reader looks at (the NRRD reader never converts vectors: they stay LPS).
+- ``.mha``: a MetaImage vector image, LPS vectors.
+
+In every image format Slicer (vtkMRMLTransformStorageNode::ReadFromImageFile) takes the vectors ITK's reader
+returns as LPS (for a 1006 NIfTI, ITK has already converted them from the file's RAS), converts them to RAS by
+negating the first two components, and uses the field as a resampling transform (TransformFromParent) unless
+an NRRD says ``displacement field type:=modeling``. So a Slicer user applies our file to the *moving* volume
+(it maps fixed-space points to moving-space points). tests/test_io.py loads every format with Slicer's own
+vtkMRMLTransformStorageNode (slicer-core) and checks the mapped points against ITK.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+import SimpleITK as sitk
+
+from textscf.errors import InputError, OutputError
+
+__all__ = [
+    "IMAGE_WRITE_SUFFIXES",
+    "DISPLACEMENT_WRITE_SUFFIXES",
+    "read_image",
+    "read_label_map",
+    "read_transform",
+    "write_image",
+    "write_displacement_transform",
+    "write_transform",
+    "check_same_grid",
+    "OutputFolder",
+]
+
+#: Single-file image formats we write (a two-file .mhd/.raw or .nhdr could not be moved into place atomically).
+IMAGE_WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
+DISPLACEMENT_WRITE_SUFFIXES = (".h5", ".hdf5", ".nii.gz", ".nii", ".nrrd", ".mha")
+TRANSFORM_WRITE_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
+_READ_FORMATS_HINT = "NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder"
+NIFTI_INTENT_DISPVECT = 1006
+NIFTI_INTENT_VECTOR = 1007
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _suffix(path: str | os.PathLike) -> str:
+    """Lower-case extension, with the double extension ``.nii.gz`` kept whole."""
+    name = Path(path).name.lower()
+    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative last line of an ITK exception (they start with a long source location)."""
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _check_exists(path: Path, role: str, what: str = "file") -> None:
+    if not path.exists():
+        raise InputError(f"{role}: {what} not found: '{path}'. Fix: check the path (relative paths are relative "
+                         f"to the current folder '{Path.cwd()}').")
+
+
+def _read_sitk_image(path: Path, role: str) -> sitk.Image:
+    """Read any SimpleITK-readable file, or the single DICOM series of a folder."""
+    _check_exists(path, role)
+    if path.is_dir():
+        ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
+        if not ids:
+            raise InputError(f"{role}: '{path}' is a folder without a DICOM series. Fix: give an image file "
+                             f"({_READ_FORMATS_HINT}).")
+        if len(ids) > 1:
+            raise InputError(f"{role}: folder '{path}' holds {len(ids)} DICOM series ({', '.join(ids)}). "
+                             "Fix: put one series per folder, or convert the one you want to NIfTI/NRRD.")
+        reader = sitk.ImageSeriesReader()
+        reader.SetFileNames(sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), ids[0]))
+        try:
+            return reader.Execute()
+        except RuntimeError as exc:
+            raise InputError(f"{role}: cannot read the DICOM series in '{path}' ({_first_line(exc)}). "
+                             "Fix: convert it to NIfTI or NRRD (e.g. with Slicer or dcm2niix).") from None
+    try:
+        return sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        raise InputError(f"{role}: cannot read '{path}' as an image ({_first_line(exc)}). Fix: give an image "
+                         f"file SimpleITK can read: {_READ_FORMATS_HINT}.") from None
+
+
+def _check_3d_scalar(img: sitk.Image, path: Path, role: str) -> None:
+    """3-D, one component, at least 2 voxels along each axis."""
+    size = img.GetSize()
+    size_txt = "x".join(str(s) for s in size)
+    if img.GetDimension() != 3:
+        raise InputError(f"{role}: '{path}' is {img.GetDimension()}-D (size {size_txt}); a 3-D volume is needed. "
+                         "Fix: give a 3-D CT/MRI volume (for a 4-D series, extract one 3-D frame first).")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise InputError(f"{role}: '{path}' has {img.GetNumberOfComponentsPerPixel()} components per voxel "
+                         f"({img.GetPixelIDTypeAsString()}); a scalar (grey-value) volume is needed. "
+                         "Fix: give a single-channel CT/MRI volume (convert colour or vector images to scalar).")
+    if min(size) == 0:
+        raise InputError(f"{role}: '{path}' is empty (size {size_txt}, zero voxels). Fix: give a non-empty "
+                         "3-D volume; the file may be truncated or was written incorrectly.")
+    if min(size) < 2:
+        raise InputError(f"{role}: '{path}' is a single slice (size {size_txt}); a 3-D volume is needed. "
+                         "Fix: give the whole 3-D volume, not one slice.")
+
+
+def _non_finite_count(arr: np.ndarray) -> int:
+    if not np.issubdtype(arr.dtype, np.floating):
+        return 0
+    return int(arr.size - np.count_nonzero(np.isfinite(arr)))
+
+
+# ----------------------------------------------------------------------------------------------- readers
+def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image:
+    """Read a 3-D scalar CT/MRI volume as float32 in ITK's LPS physical space.
+
+    Args:
+        path: a NIfTI, NRRD, MetaImage or any other SimpleITK-readable file, or a folder holding one DICOM series.
+        role: how to name the input in error messages ("fixed image", "moving image", ...).
+
+    Returns:
+        ``sitk.Image`` of ``sitkFloat32``, size ``(I, J, K)``, with the file's origin, spacing and direction
+        (a NIfTI's RAS affine is converted to LPS by ITK).
+
+    Raises:
+        InputError: missing / unreadable file, not 3-D, several components, empty, NaN or Inf voxels, constant.
+    """
+    path = Path(path)
+    img = _read_sitk_image(path, role)
+    _check_3d_scalar(img, path, role)
+    try:
+        img = sitk.Cast(img, sitk.sitkFloat32)
+    except RuntimeError as exc:
+        raise InputError(f"{role}: '{path}' has pixel type {img.GetPixelIDTypeAsString()} which cannot be "
+                         f"converted to a grey value ({_first_line(exc)}). Fix: give a real-valued scalar volume.") \
+            from None
+    arr = sitk.GetArrayViewFromImage(img)
+    bad = _non_finite_count(arr)
+    if bad:
+        n_nan = int(np.count_nonzero(np.isnan(arr)))
+        raise InputError(f"{role}: '{path}' has {bad} non-finite voxels ({n_nan} NaN, {bad - n_nan} Inf) of "
+                         f"{arr.size}. Fix: replace them with the background value (e.g. -1024 HU for CT, 0 for "
+                         "MRI) before registering.")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo == hi:
+        raise InputError(f"{role}: '{path}' is constant (every voxel is {lo:g}), so there is nothing to register. "
+                         "Fix: check that the right file was given and that it is not an empty mask or a blank "
+                         "export.")
+    return img
+
+
+def check_same_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_what: str = "the image",
+                    tol: float = 1e-3) -> None:
+    """Raise InputError unless ``image`` lies on ``reference``'s voxel grid.
+
+    Origins are compared in voxels (``tol`` of a voxel), spacings relatively (``tol``), direction cosines
+    absolutely (``tol``); float32 rounding in NIfTI headers stays far inside these.
+    """
+    def fmt(values, digits):
+        return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+    problems = []
+    if image.GetSize() != reference.GetSize():
+        problems.append(f"size {fmt(image.GetSize(), 0)} vs {fmt(reference.GetSize(), 0)}")
+    sp_i, sp_r = np.array(image.GetSpacing()), np.array(reference.GetSpacing())
+    if not np.allclose(sp_i, sp_r, rtol=tol, atol=0):
+        problems.append(f"spacing {fmt(sp_i, 6)} vs {fmt(sp_r, 6)} mm")
+    d_origin = np.abs(np.array(image.GetOrigin()) - np.array(reference.GetOrigin()))
+    if np.any(d_origin > tol * sp_r):
+        problems.append(f"origin {fmt(image.GetOrigin(), 4)} vs {fmt(reference.GetOrigin(), 4)} mm (LPS)")
+    if not np.allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=tol):
+        problems.append(f"direction {fmt(image.GetDirection(), 4)} vs {fmt(reference.GetDirection(), 4)}")
+    if problems:
+        raise InputError(f"{what} is not on the voxel grid of {reference_what}: " + "; ".join(problems) +
+                         f". Fix: resample {what} onto {reference_what}'s grid with nearest-neighbour "
+                         "interpolation (e.g. Slicer's 'Resample Image (BRAINS)' with the image as reference, or "
+                         "textscf.spatial.resample_to_grid(label, image, interpolator='nearest')).")
+
+
+def read_label_map(path: str | os.PathLike, reference: sitk.Image | None = None,
+                   role: str = "fixed label map") -> sitk.Image:
+    """Read a 3-D label map (segmentation) with integer label values.
+
+    Args:
+        path: a SimpleITK-readable file.
+        reference: the image the label map belongs to; when given, the label map must lie on its voxel grid
+            (within :func:`check_same_grid`'s tolerance) and takes over its exact geometry.
+        role: how to name the input in error messages.
+
+    Returns:
+        ``sitk.Image`` of ``sitkInt32``, size ``(I, J, K)``.
+
+    Raises:
+        InputError: missing / unreadable, not 3-D scalar, empty, non-finite, non-integer or negative values,
+            or a grid different from ``reference``'s.
+    """
+    path = Path(path)
+    img = _read_sitk_image(path, role)
+    _check_3d_scalar(img, path, role)
+    if "complex" in img.GetPixelIDTypeAsString():
+        raise InputError(f"{role}: '{path}' has complex voxels. Fix: give an integer label map.")
+    arr = sitk.GetArrayViewFromImage(img)
+    bad = _non_finite_count(arr)
+    if bad:
+        raise InputError(f"{role}: '{path}' has {bad} NaN/Inf voxels. Fix: give an integer label map "
+                         "(a segmentation exported as labels, background 0).")
+    if np.issubdtype(arr.dtype, np.floating):
+        frac = arr != np.round(arr)
+        n_frac = int(np.count_nonzero(frac))
+        if n_frac:
+            example = float(arr[frac].flat[0])
+            raise InputError(f"{role}: '{path}' has {n_frac} non-integer voxel values (e.g. {example:g}); label maps "
+                             "hold integer labels. Fix: give the segmentation / label map file, not an intensity "
+                             "image or a probability map (threshold or argmax it first).")
+    lo, hi = float(arr.min()), float(arr.max())
+    if lo < 0:
+        raise InputError(f"{role}: '{path}' has negative labels (minimum {lo:g}). Fix: use 0 for background and "
+                         "positive integers for the structures.")
+    if hi > np.iinfo(np.int32).max:
+        raise InputError(f"{role}: '{path}' has labels up to {hi:g}, too large for a label map. "
+                         "Fix: relabel the structures with small positive integers.")
+    labels = sitk.Cast(img, sitk.sitkInt32)
+    if reference is not None:
+        check_same_grid(labels, reference, f"{role} '{path}'", "the image")
+        labels.CopyInformation(reference)  # snap float32 header rounding onto the image's exact grid
+    return labels
+
+
+def read_transform(path: str | os.PathLike, role: str = "initial transform") -> sitk.Transform:
+    """Read a 3-D ITK transform (resampling convention, LPS: maps fixed points to moving points).
+
+    Args:
+        path: an ITK transform file (``.h5``, ``.hdf5``, ``.tfm``, ``.txt``, ``.mat`` — Slicer's linear and
+            composite transform files) or a displacement-field image (3-component vector ``.nii.gz`` / ``.nrrd``
+            / ``.mha``; vectors as ITK reads them, i.e. LPS, see the module notes).
+
+    Returns:
+        the ``sitk.Transform`` (a ``DisplacementFieldTransform`` for a field image).
+
+    Raises:
+        InputError: missing or unreadable file, or a transform that is not 3-D.
+    """
+    path = Path(path)
+    _check_exists(path, role)
+    try:
+        transform = sitk.ReadTransform(str(path))
+    except RuntimeError as exc:
+        transform = None
+        itk_message = _first_line(exc)
+        if _suffix(path) not in (".h5", ".hdf5", ".tfm", ".txt", ".mat"):
+            try:
+                field = sitk.ReadImage(str(path))
+            except RuntimeError:
+                field = None
+            if field is not None:
+                if field.GetDimension() != 3 or field.GetNumberOfComponentsPerPixel() != 3:
+                    raise InputError(f"{role}: '{path}' is an image with {field.GetNumberOfComponentsPerPixel()} "
+                                     f"component(s) in {field.GetDimension()}-D, not a 3-D displacement field. "
+                                     "Fix: give an ITK transform file (.h5/.tfm/.txt) or a 3-component "
+                                     "displacement-field image.") from None
+                transform = sitk.DisplacementFieldTransform(sitk.Cast(field, sitk.sitkVectorFloat64))
+        if transform is None:
+            raise InputError(f"{role}: cannot read '{path}' as a transform ({itk_message}). Fix: give an ITK "
+                             "transform file (.h5, .tfm, .txt, .mat; in Slicer: save the transform node) or a "
+                             "displacement-field image. Slicer's inverse-only transform classes are not readable "
+                             "outside Slicer: harden or invert the transform in Slicer and save it again.") from None
+    if transform.GetDimension() != 3:
+        raise InputError(f"{role}: '{path}' holds a {transform.GetDimension()}-D transform; a 3-D transform is "
+                         "needed. Fix: give the 3-D transform of the volumes.")
+    return transform
+
+
+# ----------------------------------------------------------------------------------------------- writers
+def _temp_sibling(final: Path) -> Path:
+    """A hidden, unique name in the same folder that keeps the extension (ITK picks the writer by it)."""
+    suffix = _suffix(final)
+    stem = final.name[: len(final.name) - len(suffix)] if suffix else final.name
+    return final.with_name(f".{stem}.textscf-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
+
+
+def _check_target(path: Path, overwrite: bool, allowed: Iterable[str], what: str) -> None:
+    allowed = tuple(allowed)
+    if _suffix(path) not in allowed:
+        raise OutputError(f"cannot write {what} to '{path}': unsupported extension '{_suffix(path) or '(none)'}'. "
+                          f"Fix: use one of {', '.join(allowed)}.")
+    if not path.parent.is_dir():
+        raise OutputError(f"cannot write {what} to '{path}': folder '{path.parent}' does not exist. "
+                          "Fix: create it first or choose an existing folder.")
+    if path.exists() and not overwrite:
+        raise OutputError(f"'{path}' already exists. Fix: pass --overwrite (overwrite=True) or choose another "
+                          "file name.")
+
+
+def _replace_atomically(write, final: Path, what: str) -> None:
+    """Run ``write(temp_path)`` then move the temp file onto ``final``; remove the temp file on failure."""
+    temp = _temp_sibling(final)
+    try:
+        write(temp)
+        os.replace(temp, final)
+    except OutputError:
+        temp.unlink(missing_ok=True)
+        raise
+    except (RuntimeError, OSError) as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"writing {what} to '{final}' failed ({_first_line(exc)}). Fix: check the free disk "
+                          "space and the folder's permissions.") from None
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _write_image_file(image: sitk.Image, path: Path) -> None:
+    sitk.WriteImage(image, str(path), useCompression=_suffix(path) in (".nii.gz", ".nrrd", ".mha"))
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write ``image`` (any pixel type, geometry kept) to ``.nii.gz``, ``.nii``, ``.nrrd`` or ``.mha``.
+
+    Raises:
+        OutputError: unsupported extension, missing folder, existing file without ``overwrite``, failed write.
+    """
+    path = Path(path)
+    _check_target(path, overwrite, IMAGE_WRITE_SUFFIXES, "an image")
+    _replace_atomically(lambda temp: _write_image_file(image, temp), path, "the image")
+
+
+def _checked_field(field: sitk.Image) -> sitk.Image:
+    """The field as a float64 3-vector image (cast if needed), or InputError."""
+    if (not isinstance(field, sitk.Image) or field.GetDimension() != 3
+            or field.GetNumberOfComponentsPerPixel() != 3):
+        raise InputError("a displacement field must be a 3-D SimpleITK image with 3 components per voxel "
+                         "(LPS millimetres). Fix: build it with textscf.spatial.voxel_displacement_to_physical.")
+    if field.GetPixelID() != sitk.sitkVectorFloat64:
+        field = sitk.Cast(field, sitk.sitkVectorFloat64)
+    bad = _non_finite_count(sitk.GetArrayViewFromImage(field))
+    if bad:
+        raise InputError(f"the displacement field has {bad} NaN/Inf components. Fix: this is a bug upstream "
+                         "(the network or the field conversion produced non-finite values); do not save it.")
+    return field
+
+
+def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
+    """NIfTI-1, intent 1006, RAS vectors, 5-D ``(I, J, K, 1, 3)`` layout, qform = sform = RAS affine."""
+    import nibabel as nib
+
+    from textscf.spatial import ijk_to_ras_matrix
+
+    view = sitk.GetArrayViewFromImage(field)  # [k, j, i, c], no copy
+    size = field.GetSize()
+    # Fortran order is NIfTI's on-disk order: nibabel then writes without another copy
+    vec = np.empty((size[0], size[1], size[2], 1, 3), dtype=np.float32, order="F")
+    vec[:, :, :, 0, :] = view.transpose(2, 1, 0, 3)
+    vec[..., :2] *= -1.0  # LPS -> RAS vectors
+    affine = ijk_to_ras_matrix(field)
+    nii = nib.Nifti1Image(vec, affine)
+    nii.header.set_intent(NIFTI_INTENT_DISPVECT)
+    nii.header.set_qform(affine, code=1)
+    nii.header.set_sform(affine, code=1)
+    nii.header.set_xyzt_units("mm")
+    nib.save(nii, str(path))
+
+
+def _write_field_file(field: sitk.Image, path: Path, nifti_intent: int) -> None:
+    suffix = _suffix(path)
+    if suffix in (".h5", ".hdf5"):
+        # the transform takes ownership of (empties) the image it is given: hand it a copy
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(field)), str(path))
+    elif suffix in (".nii", ".nii.gz") and nifti_intent == NIFTI_INTENT_DISPVECT:
+        _write_nifti_dispvect(field, path)
+    else:
+        out = sitk.Cast(field, sitk.sitkVectorFloat32)  # 1e-5 mm resolution, half the size of float64
+        if suffix == ".nrrd":
+            out.SetMetaData("intent_code", str(NIFTI_INTENT_DISPVECT))
+            out.SetMetaData("displacement field type", "resampling")
+        _write_image_file(out, path)
+
+
+def write_displacement_transform(field: sitk.Image, path: str | os.PathLike, overwrite: bool = False,
+                                 nifti_intent: int = NIFTI_INTENT_DISPVECT) -> None:
+    """Write a displacement field so that ITK and Slicer read it as a resampling transform.
+
+    Args:
+        field: 3-component vector image (cast to float64), LPS mm, resampling convention
+            (fixed point ``x`` -> moving point ``x + field(x)``).
+        path: ``.h5``/``.hdf5`` (ITK transform file, float64), ``.nii.gz``/``.nii``, ``.nrrd`` or ``.mha``
+            (vector images, float32). See the module docstring for the exact layout of each format.
+        overwrite: replace an existing file.
+        nifti_intent: 1006 (default: NIfTI displacement intent, RAS vectors, Slicer's own format) or 1007
+            (vector intent, LPS vectors as plain ITK / ANTs write them). Ignored for other formats.
+
+    Read back with ``sitk.ReadTransform`` (``.h5``) or
+    ``sitk.DisplacementFieldTransform(sitk.Cast(sitk.ReadImage(p), sitk.sitkVectorFloat64))`` (images), or with
+    :func:`read_transform` for any of them.
+
+    Raises:
+        InputError: not a 3-D 3-component field, or non-finite values.
+        OutputError: unsupported extension, missing folder, existing file without ``overwrite``, failed write.
+    """
+    path = Path(path)
+    if nifti_intent not in (NIFTI_INTENT_DISPVECT, NIFTI_INTENT_VECTOR):
+        raise InputError(f"nifti_intent must be {NIFTI_INTENT_DISPVECT} (displacement, RAS vectors) or "
+                         f"{NIFTI_INTENT_VECTOR} (vector, LPS vectors), not {nifti_intent!r}.")
+    _check_target(path, overwrite, DISPLACEMENT_WRITE_SUFFIXES, "a displacement field")
+    field = _checked_field(field)
+    _replace_atomically(lambda temp: _write_field_file(field, temp, nifti_intent), path, "the displacement field")
+
+
+def write_transform(transform: sitk.Transform, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """Write any SimpleITK transform as an ITK transform file (``.h5``, ``.hdf5``, ``.tfm``, ``.txt``, ``.mat``).
+
+    Raises:
+        OutputError: unsupported extension, missing folder, existing file without ``overwrite``, failed write.
+    """
+    path = Path(path)
+    _check_target(path, overwrite, TRANSFORM_WRITE_SUFFIXES, "a transform")
+    _replace_atomically(lambda temp: sitk.WriteTransform(transform, str(temp)), path, "the transform")
+
+
+# ----------------------------------------------------------------------------------------------- output folder
+class OutputFolder:
+    """All-or-nothing writing of a set of result files into one folder.
+
+    Every file is written under a hidden temporary name in the folder and moved onto its final name only when
+    the ``with`` block ends without an exception; on an exception every temporary file is removed and the files
+    that were there before are left untouched.
+
+    Example::
+
+        with OutputFolder(out_dir, overwrite=False, names=["warped.nii.gz", "displacement.h5", "qc.png"]) as out:
+            out.write_image(warped, "warped.nii.gz")
+            out.write_displacement(field, "displacement.h5")
+            fig.savefig(out.temp_path("qc.png"))
+
+    Args:
+        path: the folder; created (with parents) when missing.
+        overwrite: allow replacing existing files.
+        names: file names that will be written, so that existing ones are refused on entering the block,
+            before any work. Names written without being declared are checked when first used.
+
+    Raises:
+        OutputError: on entering, when the folder cannot be created or written, or when declared files exist
+            and ``overwrite`` is False (all of them are listed); while writing, for an undeclared name that exists.
+    """
+
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, names: Iterable[str] = ()):
+        self.path = Path(path)
+        self.overwrite = overwrite
+        self.names = [str(n) for n in names]
+        self._temps: dict[str, Path] = {}
+        self._entered = False
+        self.written: list[Path] = []
+
+    # -- checks
+    def _check_name(self, name: str) -> None:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise OutputError(f"'{name}' is not a plain file name. Fix: give a name without folders, e.g. "
+                              "'warped.nii.gz'.")
+
+    def _existing(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if (self.path / n).exists()]
+
+    def __enter__(self) -> "OutputFolder":
+        for n in self.names:
+            self._check_name(n)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder '{self.path}' ({exc.strerror or exc}). "
+                              "Fix: choose a folder you can write to.") from None
+        try:  # the only reliable writability test (access() lies for root and for some network file systems)
+            fd, probe = tempfile.mkstemp(prefix=".textscf-probe-", dir=self.path)
+            os.close(fd)
+            os.unlink(probe)
+        except OSError as exc:
+            raise OutputError(f"the output folder '{self.path}' is not writable ({exc.strerror or exc}). "
+                              "Fix: choose a folder you can write to, or fix its permissions.") from None
+        if not self.overwrite:
+            existing = self._existing(self.names)
+            if existing:
+                raise OutputError(f"the output folder '{self.path}' already holds {', '.join(existing)}. "
+                                  "Fix: pass --overwrite (overwrite=True) or choose another folder.")
+        self._entered = True
+        return self
+
+    def temp_path(self, name: str) -> Path:
+        """The temporary path to write ``name`` to (for writers such as matplotlib); moved into place on exit."""
+        if not self._entered:
+            raise OutputError("OutputFolder must be used as a context manager ('with OutputFolder(...) as out').")
+        self._check_name(name)
+        if name not in self._temps:
+            if not self.overwrite and (self.path / name).exists():
+                raise OutputError(f"'{self.path / name}' already exists. Fix: pass --overwrite (overwrite=True) "
+                                  "or choose another folder.")
+            self._temps[name] = _temp_sibling(self.path / name)
+        return self._temps[name]
+
+    def final_path(self, name: str) -> Path:
+        """Where ``name`` will be once the block has finished."""
+        return self.path / name
+
+    # -- writers
+    def _write(self, name: str, write, what: str) -> Path:
+        temp = self.temp_path(name)
+        try:
+            write(temp)
+        except (RuntimeError, OSError) as exc:
+            raise OutputError(f"writing {what} '{self.path / name}' failed ({_first_line(exc)}). Fix: check the "
+                              "free disk space and the folder's permissions.") from None
+        return self.path / name
+
+    def write_image(self, image: sitk.Image, name: str) -> Path:
+        """Write an image (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``); returns the final path."""
+        if _suffix(name) not in IMAGE_WRITE_SUFFIXES:
+            raise OutputError(f"cannot write image '{name}': use one of {', '.join(IMAGE_WRITE_SUFFIXES)}.")
+        return self._write(name, lambda t: _write_image_file(image, t), "image")
+
+    def write_displacement(self, field: sitk.Image, name: str, nifti_intent: int = NIFTI_INTENT_DISPVECT) -> Path:
+        """Write a displacement field transform (see :func:`write_displacement_transform`)."""
+        if _suffix(name) not in DISPLACEMENT_WRITE_SUFFIXES:
+            raise OutputError(f"cannot write displacement field '{name}': use one of "
+                              f"{', '.join(DISPLACEMENT_WRITE_SUFFIXES)}.")
+        field = _checked_field(field)
+        return self._write(name, lambda t: _write_field_file(field, t, nifti_intent), "displacement field")
+
+    def write_transform(self, transform: sitk.Transform, name: str) -> Path:
+        """Write an ITK transform file (``.h5``, ``.hdf5``, ``.tfm``, ``.txt``, ``.mat``)."""
+        if _suffix(name) not in TRANSFORM_WRITE_SUFFIXES:
+            raise OutputError(f"cannot write transform '{name}': use one of {', '.join(TRANSFORM_WRITE_SUFFIXES)}.")
+        return self._write(name, lambda t: sitk.WriteTransform(transform, str(t)), "transform")
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Write UTF-8 text."""
+        return self._write(name, lambda t: t.write_text(text, encoding="utf-8"), "text file")
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Write raw bytes."""
+        return self._write(name, lambda t: t.write_bytes(data), "file")
+
+    # -- commit / roll back
+    def _discard(self) -> None:
+        for temp in self._temps.values():
+            try:
+                temp.unlink(missing_ok=True)
+            except OSError:
+                pass
+        self._temps.clear()
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is not None:
+            self._discard()
+            return False
+        # reserved through temp_path() but never written (e.g. a skipped figure): nothing to move
+        pending = {n: t for n, t in self._temps.items() if t.exists()}
+        try:
+            for name, temp in pending.items():
+                os.replace(temp, self.path / name)
+                self.written.append(self.path / name)
+        except OSError as exc:
+            self._discard()
+            raise OutputError(f"moving the results into '{self.path}' failed ({exc.strerror or exc}); "
+                              f"already in place: {', '.join(p.name for p in self.written) or 'none'}. "
+                              "Fix: check the free disk space and permissions, then run again with --overwrite.") \
+                from None
+        self._temps.clear()
+        return False

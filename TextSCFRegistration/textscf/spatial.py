@@ -1,0 +1,429 @@
+"""Model grid <-> physical space, resampling, displacement-field conversions, LPS/RAS.
+
+Conventions (docs/ARCHITECTURE.md): engine arrays are in ITK index order ``(I, J, K)``; SimpleITK's
+``GetArrayFromImage`` is ``[k, j, i]``. Physical space is ITK's LPS millimetres,
+``point(idx) = origin + D @ diag(spacing) @ idx``. Engine displacements are ``(3, I, J, K)`` in voxels of their
+grid (channel ``a`` along array axis ``a``), resampling convention ``warped(x) = moving(x + u(x))``; the
+physical field of a voxel field is ``v = D @ diag(spacing) @ u``. Slicer's RAS is ``(-x, -y, z)`` of LPS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Union
+
+import numpy as np
+import SimpleITK as sitk
+
+from textscf.errors import InputError
+
+__all__ = [
+    "ModelGrid",
+    "model_grid_for",
+    "body_threshold_for",
+    "resample_to_grid",
+    "image_to_array",
+    "array_to_image",
+    "normalise_intensity",
+    "voxel_displacement_to_physical",
+    "physical_displacement_to_voxel",
+    "resample_displacement",
+    "compose_with_initial",
+    "warp_image",
+    "ras_to_lps",
+    "lps_to_ras",
+    "ijk_to_ras_matrix",
+]
+
+_INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor, "bspline": sitk.sitkBSpline}
+_LPS_RAS = np.diag([-1.0, -1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    """A voxel grid in LPS physical space (the geometry of an ITK image without its voxels).
+
+    Attributes:
+        shape: ``(I, J, K)`` number of voxels along each index axis.
+        spacing: ``(3,)`` mm between voxel centres along each index axis.
+        origin: ``(3,)`` LPS mm position of voxel ``(0, 0, 0)``.
+        direction: 9 floats, the 3x3 direction cosine matrix row-major as SimpleITK's ``GetDirection`` (column
+            ``a`` is the LPS direction of index axis ``a``). A nested 3x3 sequence or array is accepted too.
+    """
+
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+
+    def __post_init__(self) -> None:
+        shape = tuple(int(s) for s in np.asarray(self.shape).ravel())
+        spacing = tuple(float(s) for s in np.asarray(self.spacing, dtype=float).ravel())
+        origin = tuple(float(s) for s in np.asarray(self.origin, dtype=float).ravel())
+        direction = tuple(float(s) for s in np.asarray(self.direction, dtype=float).ravel())
+        if len(shape) != 3 or min(shape) < 1:
+            raise InputError(f"ModelGrid shape must be 3 positive integers, got {self.shape}.")
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise InputError(f"ModelGrid spacing must be 3 positive numbers (mm), got {self.spacing}.")
+        if len(origin) != 3 or len(direction) != 9:
+            raise InputError(f"ModelGrid origin must have 3 and direction 9 numbers, got {self.origin}, "
+                             f"{self.direction}.")
+        d = np.array(direction).reshape(3, 3)
+        if not np.allclose(d.T @ d, np.eye(3), atol=1e-4):
+            raise InputError(f"ModelGrid direction must be orthonormal, got {direction}.")
+        object.__setattr__(self, "shape", shape)
+        object.__setattr__(self, "spacing", spacing)
+        object.__setattr__(self, "origin", origin)
+        object.__setattr__(self, "direction", direction)
+
+    # -- construction / export
+    @classmethod
+    def from_image(cls, image: sitk.Image) -> "ModelGrid":
+        """The grid of a 3-D SimpleITK image."""
+        if image.GetDimension() != 3:
+            raise InputError(f"a 3-D image is needed for a grid, got {image.GetDimension()}-D.")
+        return cls(image.GetSize(), image.GetSpacing(), image.GetOrigin(), image.GetDirection())
+
+    def reference_image(self, pixel_type: int = sitk.sitkFloat32) -> sitk.Image:
+        """A zero image on this grid (for ``sitk.Resample`` references)."""
+        img = sitk.Image([int(s) for s in self.shape], pixel_type)
+        self.apply_to(img)
+        return img
+
+    def apply_to(self, image: sitk.Image) -> sitk.Image:
+        """Set this grid's origin, spacing and direction on ``image`` (same size required); returns it."""
+        if tuple(image.GetSize()) != self.shape:
+            raise InputError(f"image size {image.GetSize()} does not match the grid shape {self.shape}.")
+        image.SetOrigin(self.origin)
+        image.SetSpacing(self.spacing)
+        image.SetDirection(self.direction)
+        return image
+
+    # -- geometry
+    @property
+    def direction_matrix(self) -> np.ndarray:
+        """``(3, 3)`` direction cosines ``D``."""
+        return np.array(self.direction).reshape(3, 3)
+
+    @property
+    def index_to_physical_matrix(self) -> np.ndarray:
+        """``(3, 3)`` matrix ``D @ diag(spacing)`` (maps index steps and voxel displacements to LPS mm)."""
+        return self.direction_matrix @ np.diag(self.spacing)
+
+    def affine_lps(self) -> np.ndarray:
+        """``(4, 4)`` homogeneous index -> LPS mm matrix."""
+        a = np.eye(4)
+        a[:3, :3] = self.index_to_physical_matrix
+        a[:3, 3] = self.origin
+        return a
+
+    def index_to_physical(self, idx: np.ndarray) -> np.ndarray:
+        """Continuous ITK indices ``(..., 3)`` (order i, j, k) -> LPS mm points ``(..., 3)``."""
+        idx = np.asarray(idx, dtype=float)
+        return idx @ self.index_to_physical_matrix.T + np.array(self.origin)
+
+    def physical_to_index(self, points: np.ndarray) -> np.ndarray:
+        """LPS mm points ``(..., 3)`` -> continuous ITK indices ``(..., 3)``."""
+        points = np.asarray(points, dtype=float)
+        return (points - np.array(self.origin)) @ np.linalg.inv(self.index_to_physical_matrix).T
+
+    def centre(self) -> np.ndarray:
+        """``(3,)`` LPS mm centre of the grid (the midpoint between the first and last voxel centres)."""
+        return self.index_to_physical((np.array(self.shape) - 1) / 2.0)
+
+    def physical_points(self) -> np.ndarray:
+        """``(I, J, K, 3)`` LPS mm position of every voxel centre."""
+        ii, jj, kk = np.meshgrid(*(np.arange(s, dtype=float) for s in self.shape), indexing="ij")
+        return self.index_to_physical(np.stack([ii, jj, kk], axis=-1))
+
+
+GridLike = Union[ModelGrid, sitk.Image]
+
+
+def _as_grid(grid: GridLike) -> ModelGrid:
+    return grid if isinstance(grid, ModelGrid) else ModelGrid.from_image(grid)
+
+
+def _as_reference(grid: GridLike) -> sitk.Image:
+    return grid.reference_image() if isinstance(grid, ModelGrid) else grid
+
+
+def _interpolator(name: str) -> int:
+    try:
+        return _INTERPOLATORS[name]
+    except KeyError:
+        raise InputError(f"unknown interpolator {name!r}; choose one of {', '.join(_INTERPOLATORS)}.") from None
+
+
+# ----------------------------------------------------------------------------------------------- model grid
+def body_threshold_for(image: sitk.Image) -> float:
+    """Intensity above which a voxel counts as body: -500 for CT in HU (minimum below -500), otherwise
+    (MRI, or CT already rescaled) 10 % of the way from the 0.5th to the 99.5th intensity percentile."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if float(arr.min()) < -500.0:
+        return -500.0
+    lo, hi = np.percentile(arr, [0.5, 99.5])
+    return float(lo + 0.1 * (hi - lo))
+
+
+def _body_bbox_centre(image: sitk.Image, body_mask: sitk.Image | None,
+                      body_threshold: float | None) -> np.ndarray | None:
+    """LPS centre of the bounding box of all non-zero ``body_mask`` voxels (organs need not touch), or of the
+    largest connected region above the threshold (specks and a detached CT table are ignored); None if empty."""
+    # Work on a subsampled copy (<= ~128 voxels per axis): the box only needs voxel-scale precision.
+    factors = [max(1, s // 128) for s in image.GetSize()]
+    if body_mask is not None:
+        if body_mask.GetSize() != image.GetSize() or not (
+                np.allclose(body_mask.GetOrigin(), image.GetOrigin(), atol=1e-3 * min(image.GetSpacing()))
+                and np.allclose(body_mask.GetSpacing(), image.GetSpacing(), rtol=1e-4)
+                and np.allclose(body_mask.GetDirection(), image.GetDirection(), atol=1e-4)):
+            body_mask = sitk.Resample(body_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        # max-pooling keeps thin structures that plain subsampling could skip
+        mask = sitk.Cast(sitk.NotEqual(body_mask, 0), sitk.sitkUInt8)
+        labels = sitk.BinShrink(mask, factors) > 0 if max(factors) > 1 else mask
+    else:
+        small = sitk.Shrink(image, factors) if max(factors) > 1 else image
+        thr = body_threshold_for(small) if body_threshold is None else float(body_threshold)
+        labels = sitk.RelabelComponent(sitk.ConnectedComponent(small > thr), sortByObjectSize=True)
+    stats = sitk.LabelShapeStatisticsImageFilter()
+    stats.Execute(sitk.Cast(labels, sitk.sitkUInt32))
+    if not stats.HasLabel(1):
+        return None
+    box = stats.GetBoundingBox(1)  # (start i, j, k, size i, j, k) in the (shrunk) index space
+    start, size = np.array(box[:3], float), np.array(box[3:], float)
+    centre_idx = start + (size - 1.0) / 2.0
+    return np.array(labels.TransformContinuousIndexToPhysicalPoint(centre_idx.tolist()))
+
+
+def model_grid_for(fixed: sitk.Image, spacing: Sequence[float], shape: Sequence[int],
+                   body_mask: sitk.Image | None = None, body_threshold: float | None = None) -> ModelGrid:
+    """The network's input grid in the fixed image's physical space.
+
+    The grid has the fixed image's direction, the given ``spacing`` (mm) and ``shape`` ``(I, J, K)``, and its
+    centre on the centre of the body's bounding box. The body is ``body_mask`` (all non-zero voxels, e.g. the
+    organs of a label map; resampled onto the fixed grid by nearest neighbour if needed) or the largest
+    connected region above
+    ``body_threshold`` (default :func:`body_threshold_for`: -500 HU for CT). Without a body the grid is centred
+    on the fixed image's centre.
+
+    Returns:
+        :class:`ModelGrid`.
+    """
+    spacing = tuple(float(s) for s in spacing)
+    shape = tuple(int(s) for s in shape)
+    fixed_grid = ModelGrid.from_image(fixed)
+    centre = _body_bbox_centre(fixed, body_mask, body_threshold)
+    if centre is None:
+        centre = fixed_grid.centre()
+    d = fixed_grid.direction_matrix
+    origin = centre - d @ (np.array(spacing) * (np.array(shape) - 1) / 2.0)
+    return ModelGrid(shape, spacing, tuple(origin), fixed_grid.direction)
+
+
+# ----------------------------------------------------------------------------------------------- resampling
+def resample_to_grid(image: sitk.Image, grid: GridLike, transform: sitk.Transform | None = None,
+                     interpolator: str = "linear", default_value: float = 0.0) -> sitk.Image:
+    """``image`` resampled onto ``grid``: ``out(x) = image(T(x))`` for each grid point ``x`` (T = identity if None).
+
+    Args:
+        image: scalar or vector SimpleITK image.
+        grid: :class:`ModelGrid` or an image whose grid to use.
+        transform: resampling-convention transform (grid points -> ``image`` points), e.g. the initial alignment.
+        interpolator: "linear", "nearest" (label maps) or "bspline".
+        default_value: value outside ``image``.
+
+    Returns:
+        image of ``image``'s pixel type on ``grid``.
+    """
+    return sitk.Resample(image, _as_reference(grid), transform if transform is not None else sitk.Transform(),
+                         _interpolator(interpolator), float(default_value), image.GetPixelID())
+
+
+def image_to_array(img: sitk.Image) -> np.ndarray:
+    """Scalar image -> ``(I, J, K)`` array; vector image -> ``(C, I, J, K)`` (a copy, in ITK index order)."""
+    arr = sitk.GetArrayFromImage(img)
+    if img.GetNumberOfComponentsPerPixel() == 1:
+        return np.ascontiguousarray(arr.transpose(2, 1, 0))
+    return np.ascontiguousarray(arr.transpose(3, 2, 1, 0))
+
+
+def array_to_image(arr: np.ndarray, like: GridLike) -> sitk.Image:
+    """``(I, J, K)`` array -> scalar image, ``(C, I, J, K)`` -> C-component vector image, on ``like``'s grid.
+
+    The pixel type follows the array's dtype (bool becomes uint8).
+    """
+    arr = np.asarray(arr)
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    grid = _as_grid(like)
+    if arr.ndim == 3:
+        spatial, img = arr.shape, None
+        if spatial == grid.shape:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    elif arr.ndim == 4:
+        spatial, img = arr.shape[1:], None
+        if spatial == grid.shape:
+            img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(3, 2, 1, 0)), isVector=True)
+    else:
+        raise InputError(f"expected an (I, J, K) or (C, I, J, K) array, got shape {arr.shape}.")
+    if img is None:
+        raise InputError(f"array spatial shape {tuple(spatial)} does not match the grid shape {grid.shape}.")
+    return grid.apply_to(img)
+
+
+def normalise_intensity(array: np.ndarray, modality: str = "ct", ct_window: tuple[float, float] = (-500.0, 800.0),
+                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
+    """Intensities -> float32 in ``[0, 1]`` for the network.
+
+    CT: clip to ``ct_window`` (HU) and scale linearly (as the paper does for abdomen CT).
+    MRI: clip to the ``percentiles`` of the non-zero voxels (all voxels if fewer than 1 % are non-zero) and scale.
+
+    Args:
+        array: any-shape intensity array (e.g. ``(I, J, K)``).
+
+    Returns:
+        float32 array of the same shape.
+    """
+    x = np.asarray(array, dtype=np.float32)
+    modality = modality.lower()
+    if modality == "ct":
+        lo, hi = float(ct_window[0]), float(ct_window[1])
+        if not hi > lo:
+            raise InputError(f"ct_window must be (low, high) with high > low, got {ct_window}.")
+    elif modality in ("mri", "mr"):
+        fg = x[x != 0]
+        if fg.size < max(1, x.size // 100):
+            fg = x.ravel()
+        lo, hi = (float(v) for v in np.percentile(fg, percentiles))
+        if not hi > lo:  # (nearly) constant foreground: map it to 1, background to 0
+            return (x > lo).astype(np.float32) if np.any(x != lo) else np.zeros_like(x)
+    else:
+        raise InputError(f"unknown modality {modality!r}; choose 'ct' or 'mri'.")
+    out = (np.clip(x, lo, hi) - lo) / (hi - lo)
+    return out.astype(np.float32, copy=False)
+
+
+# ----------------------------------------------------------------------------------------------- displacements
+def voxel_displacement_to_physical(u: np.ndarray, grid: GridLike) -> sitk.Image:
+    """Engine voxel displacement -> physical field.
+
+    Args:
+        u: ``(3, I, J, K)`` displacement in voxels of ``grid`` (channel a along index axis a), resampling convention.
+        grid: the :class:`ModelGrid` (or image) ``u`` lives on.
+
+    Returns:
+        float64 3-vector image on ``grid``, ``v = D @ diag(spacing) @ u`` in LPS mm at each voxel.
+    """
+    u = np.asarray(u, dtype=np.float64)
+    g = _as_grid(grid)
+    if u.ndim != 4 or u.shape[0] != 3 or u.shape[1:] != g.shape:
+        raise InputError(f"voxel displacement must be (3, {', '.join(map(str, g.shape))}), got {u.shape}.")
+    v = np.einsum("ab,bijk->aijk", g.index_to_physical_matrix, u)
+    return array_to_image(v, g)
+
+
+def physical_displacement_to_voxel(field: sitk.Image, grid: GridLike | None = None) -> np.ndarray:
+    """Physical field -> engine voxel displacement ``u = (D @ diag(spacing))^-1 @ v``.
+
+    Args:
+        field: 3-vector image, LPS mm.
+        grid: the grid to express voxels of; must be ``field``'s own grid (checked). None = ``field``'s grid.
+
+    Returns:
+        ``(3, I, J, K)`` float64 array.
+    """
+    g = ModelGrid.from_image(field)
+    if grid is not None:
+        other = _as_grid(grid)
+        if other.shape != g.shape or not (np.allclose(other.spacing, g.spacing, rtol=1e-6)
+                                          and np.allclose(other.origin, g.origin, atol=1e-4)
+                                          and np.allclose(other.direction, g.direction, atol=1e-6)):
+            raise InputError("the displacement field is not on the requested grid; resample it first "
+                             "(resample_displacement).")
+    if field.GetNumberOfComponentsPerPixel() != 3:
+        raise InputError(f"a displacement field needs 3 components, got {field.GetNumberOfComponentsPerPixel()}.")
+    v = image_to_array(field).astype(np.float64, copy=False)
+    return np.einsum("ab,bijk->aijk", np.linalg.inv(g.index_to_physical_matrix), v)
+
+
+def resample_displacement(field: sitk.Image, reference: GridLike) -> sitk.Image:
+    """Physical displacement field resampled (linearly) onto ``reference``'s grid, zero outside ``field``.
+
+    The vectors are physical, so they are interpolated, not rescaled.
+
+    Returns:
+        float64 3-vector image on ``reference``.
+    """
+    field = sitk.Cast(field, sitk.sitkVectorFloat64)
+    return sitk.Resample(field, _as_reference(reference), sitk.Transform(), sitk.sitkLinear, 0.0,
+                         sitk.sitkVectorFloat64)
+
+
+def _field_transform(field: sitk.Image) -> sitk.DisplacementFieldTransform:
+    # the transform takes ownership of (empties) its image: give it a copy
+    return sitk.DisplacementFieldTransform(sitk.Image(sitk.Cast(field, sitk.sitkVectorFloat64)))
+
+
+def compose_with_initial(field: sitk.Image, initial: sitk.Transform | None) -> sitk.Image:
+    """Fold the initial alignment into the deformable field.
+
+    The network registered the fixed image to the moving image pre-resampled through ``initial``, so a fixed
+    point ``x`` maps to the moving point ``initial(x + d(x))``.
+
+    Args:
+        field: float64 3-vector image ``d`` on the fixed grid, LPS mm.
+        initial: resampling-convention transform or None.
+
+    Returns:
+        float64 3-vector image on the same grid: ``initial(x + d(x)) - x`` (``field`` itself when ``initial`` is None).
+    """
+    if initial is None:
+        return field
+    # ITK applies a composite's transforms last-added first: [initial, d] is initial(d(x)).
+    total = sitk.CompositeTransform([initial, _field_transform(field)])
+    return sitk.TransformToDisplacementField(total, sitk.sitkVectorFloat64, field.GetSize(), field.GetOrigin(),
+                                             field.GetSpacing(), field.GetDirection())
+
+
+def warp_image(moving: sitk.Image, field: sitk.Image, reference: GridLike | None = None,
+               interpolator: str = "linear", default_value: float = 0.0) -> sitk.Image:
+    """``moving`` resampled onto ``reference`` through the displacement field: ``out(x) = moving(x + d(x))``.
+
+    Args:
+        moving: scalar image.
+        field: 3-vector image, LPS mm, resampling convention (zero = identity outside it).
+        reference: output grid; default: ``field``'s grid.
+        interpolator: "linear", "nearest" (label maps) or "bspline".
+
+    Returns:
+        image of ``moving``'s pixel type on ``reference``.
+    """
+    ref = field if reference is None else _as_reference(reference)
+    return sitk.Resample(moving, ref, _field_transform(field), _interpolator(interpolator), float(default_value),
+                         moving.GetPixelID())
+
+
+# ----------------------------------------------------------------------------------------------- LPS / RAS
+def ras_to_lps(points_or_vectors: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` RAS points or vectors -> LPS (negate the first two components). Returns a new array."""
+    out = np.array(points_or_vectors, dtype=float, copy=True)
+    if out.shape[-1] != 3:
+        raise InputError(f"expected (..., 3) coordinates, got shape {out.shape}.")
+    out[..., :2] *= -1.0
+    return out
+
+
+def lps_to_ras(points_or_vectors: np.ndarray) -> np.ndarray:
+    """``(..., 3)`` LPS points or vectors -> RAS (the same flip). Returns a new array."""
+    return ras_to_lps(points_or_vectors)
+
+
+def ijk_to_ras_matrix(image: GridLike) -> np.ndarray:
+    """``(4, 4)`` voxel index (i, j, k) -> RAS mm matrix of ``image`` (the NIfTI affine / Slicer's IJKToRAS).
+
+    This is ``diag(-1, -1, 1, 1) @ [D @ diag(spacing) | origin]``. Slicer gives a loaded volume this IJKToRAS,
+    except that for a file with a left-handed index frame it flips the K axis on loading
+    (ForceRightHandedIJKCoordinateSystem): the voxels then sit at the same RAS points but with other indices.
+    """
+    a = _as_grid(image).affine_lps()
+    a[:3, :] = _LPS_RAS @ a[:3, :]
+    return a
