@@ -165,6 +165,13 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
                          f"converted to a grey value ({_first_line(exc)}). Fix: give a real-valued scalar volume.") \
             from None
     arr = sitk.GetArrayViewFromImage(img)
+    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
+        # ITK's NIfTI reader turns NaN into 0 without a word; look at the stored values themselves.
+        import nibabel
+
+        arr_nifti = np.asanyarray(nibabel.load(str(path)).dataobj)
+        if arr_nifti.dtype.kind == "f" and _non_finite_count(arr_nifti):
+            arr = arr_nifti
     bad = _non_finite_count(arr)
     if bad:
         n_nan = int(np.count_nonzero(np.isnan(arr)))

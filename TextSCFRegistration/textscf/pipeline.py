@@ -22,7 +22,7 @@ from textscf import metrics
 from textscf.alignment import describe_transform, initial_alignment
 from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
-from textscf.networks.textscf_net import TextSCFNet
+from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.presets import load_preset
 from textscf.results import RegistrationResult
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
@@ -38,7 +38,7 @@ from textscf.spatial import (
     voxel_displacement_to_physical,
     warp_image,
 )
-from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, validate_region_names
+from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, resolve_template, validate_region_names
 
 BUNDLED_MODEL = "abdomen-ct-onehot-ns8.pt"
 
@@ -162,9 +162,9 @@ def select_device(requested: str) -> tuple[torch.device, str | None]:
     return torch.device("cpu"), "CUDA was requested but torch sees no GPU; running on the CPU instead"
 
 
-def resolve_prompts(net: TextSCFNet, options: RegistrationOptions) -> Prompts:
+def resolve_prompts(net: TextSCFNet | None, options: RegistrationOptions) -> Prompts:
     """Prompts from the options, the preset or the model, checked against what the model can use."""
-    cfg = net.config
+    cfg = net.config if net is not None else None
     preset = load_preset(options.preset) if options.preset else None
     if options.region_names is not None:
         names = validate_region_names(options.region_names) if options.region_names else []
@@ -176,13 +176,17 @@ def resolve_prompts(net: TextSCFNet, options: RegistrationOptions) -> Prompts:
         background = []
     elif preset is not None:
         names, values, background = list(preset.region_names), list(preset.label_values), list(preset.background_labels)
-    else:
+    elif cfg is not None:
         names, values, background = list(cfg.region_names), list(cfg.label_values), []
+    else:
+        raise PromptError("a fresh network needs prompts: give --preset or --prompts with --label-values")
     if len(values) != len(names):
         raise PromptError(f"{len(names)} region names but {len(values)} label values; give one label value per region")
     if len(set(values)) != len(values):
         raise PromptError(f"duplicate label values in {values}; each region needs its own label value")
-    template = options.template or (preset.template if preset else cfg.template)
+    template = options.template or (preset.template if preset else cfg.template if cfg else "photo")
+    if cfg is None:
+        return Prompts(names, values, resolve_template(template), background)
     if options.text_encoder and canonical_encoder_name(options.text_encoder) != canonical_encoder_name(cfg.text_encoder):
         raise CheckpointError(
             f"the model was trained with the text encoder {cfg.text_encoder!r}, not {options.text_encoder!r}; "
@@ -223,6 +227,20 @@ def text_matrix_for(net: TextSCFNet, prompts: Prompts) -> tuple[torch.Tensor, li
     return matrix, list(range(1, len(prompts.region_names) + 1))
 
 
+def fresh_model(fixed: sitk.Image, prompts: Prompts, options: RegistrationOptions) -> TextSCFNet:
+    """An untrained one-hot textSCF network on the fixed image's own grid (for refinement from scratch)."""
+    from textscf.train import build_model
+
+    preset = load_preset(options.preset) if options.preset else None
+    modality = preset.modality if preset else ("ct" if _background(fixed) < -500 else "mri")
+    shape = tuple(int(16 * np.ceil(s / 16)) for s in fixed.GetSize())
+    return build_model(
+        prompts.region_names, prompts.label_values, "onehot", prompts.template, start_channels=8, hidden_channels=64,
+        modality=modality, spacing=fixed.GetSpacing(), input_shape=shape, direction=fixed.GetDirection(),
+        seed=options.seed,
+    )
+
+
 def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: Prompts,
                   options: RegistrationOptions, device: torch.device) -> Segmentation:
     """Regions and confidence of the fixed image from the user's label map, else from SwinUNETR."""
@@ -247,9 +265,8 @@ def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: P
     return segmentor.predict(fixed)
 
 
-def model_grid(net: TextSCFNet, fixed: sitk.Image, body_mask: sitk.Image | None) -> ModelGrid:
+def model_grid(cfg: TextSCFConfig, fixed: sitk.Image, body_mask: sitk.Image | None) -> ModelGrid:
     """The model's input grid: the checkpoint's spacing, shape and orientation, centred on the fixed body."""
-    cfg = net.config
     centred = model_grid_for(fixed, cfg.spacing, cfg.input_shape, body_mask=body_mask)
     direction = np.array(cfg.direction).reshape(3, 3)
     half_extent = np.array(cfg.spacing) * (np.array(cfg.input_shape) - 1) / 2.0
@@ -335,8 +352,14 @@ def register(
 
     with steps.stage("load model"):
         device, note = select_device(options.device)
-        checkpoint = Path(options.checkpoint) if options.checkpoint else bundled_model_path()
-        net, _ = load_checkpoint(checkpoint)
+        if (options.checkpoint or "").lower() == "fresh":
+            if options.refine_iterations <= 0:
+                raise InputError("a fresh (untrained) network needs instance optimisation: give --refine N (e.g. 200)")
+            checkpoint = "fresh"
+            net = fresh_model(fixed, resolve_prompts(None, options), options)
+        else:
+            checkpoint = Path(options.checkpoint) if options.checkpoint else bundled_model_path()
+            net, _ = load_checkpoint(checkpoint)
         if options.integrate is not None and options.integrate != net.config.integrate:
             from textscf.warp import ScalingAndSquaring
             net.config.integrate = bool(options.integrate)
@@ -351,9 +374,12 @@ def register(
     with steps.stage("segment fixed image"):
         seg = segment_fixed(fixed, fixed_labels, prompts, options, device)
         if moving_labels is not None:
-            # Same validation as the fixed map (integer, prompts for every value, same grid as its image).
-            LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
-                              prompts.region_names, options.unmapped_labels).predict(moving)
+            # Same validation as the fixed map (integer, prompts for every value, same grid as its image);
+            # its "region absent" warnings would repeat the fixed map's.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
+                                  prompts.region_names, options.unmapped_labels).predict(moving)
 
     with steps.stage("initial alignment"):
         if initial_transform is not None:
@@ -365,7 +391,7 @@ def register(
 
     with steps.stage("resample to model grid"):
         body = sitk.Cast(seg.labels > 0, sitk.sitkUInt8) if _has_foreground(seg.labels) else None
-        grid = model_grid(net, fixed, body)
+        grid = model_grid(net.config, fixed, body)
         fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
         moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
         # Region indices -> rows of the text matrix the prompts use.

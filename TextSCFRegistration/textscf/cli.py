@@ -1,0 +1,234 @@
+"""The ``textscf`` command line: register, demo, train, evaluate.
+
+Exit codes: 0 success, 1 unexpected error (a bug: please report it with the traceback), 2 bad input or
+options (the message says what to fix), 3 cancelled / interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+def _comma_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",")]
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in _comma_list(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model and prompts")
+    g.add_argument("--checkpoint", help="textscf checkpoint (.pt); default: the bundled abdomen CT model. "
+                   "'fresh' starts from a new network and needs --refine")
+    g.add_argument("--preset", help="prompt preset: abdomen-ct (13 organs) or brain-mri (FreeSurfer structures)")
+    g.add_argument("--prompts", type=_comma_list, help='region names, e.g. "liver,spleen" (with --label-values)')
+    g.add_argument("--label-values", type=_int_list, help='label value of each prompt in the label maps, e.g. "6,1"')
+    g.add_argument("--template", help='prompt template with one "{}", or a name: photo, photo-abdomen, ct-abdomen, mri-brain')
+    g.add_argument("--encoder", help="the text encoder the checkpoint must have been trained with (a check: "
+                   "onehot or open_clip:MODEL:PRETRAINED)")
+    g.add_argument("--unmapped-labels", choices=["error", "background"], default="error",
+                   help="label values without a prompt: stop with an error (default) or treat them as background")
+
+
+def _add_register_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("registration")
+    g.add_argument("--init", choices=["none", "center", "affine"], default="center",
+                   help="initial alignment before the network (default: center of mass)")
+    g.add_argument("--initial-transform", help="an ITK transform file (fixed -> moving) to start from; replaces --init")
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="where the network runs; cuda falls back to the CPU with a message when unavailable")
+    g.add_argument("--integrate", dest="integrate", action="store_true", default=None,
+                   help="diffeomorphic integration (scaling and squaring, 7 steps)")
+    g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
+    g.add_argument("--refine", type=int, default=0, metavar="N",
+                   help="instance optimisation: N iterations on this pair (0 = off)")
+    g.add_argument("--refine-lr", type=float, default=None, help="refinement learning rate (default 1e-4; 1e-3 for --checkpoint fresh)")
+    g.add_argument("--refine-smooth", type=float, default=0.1, help="refinement smoothness weight λ (default 0.1)")
+    g.add_argument("--similarity", choices=["auto", "mse", "ncc"], default="auto",
+                   help="refinement image term: auto = MSE for CT, local NCC for MRI")
+    g.add_argument("--segmentor-weights", help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
+                   "no --fixed-labels is given")
+    g.add_argument("--seed", type=int, default=0, help="random seed (refinement is deterministic on the CPU)")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("outputs")
+    g.add_argument("--field-format", choices=["nii.gz", "h5", "nrrd", "mha"], default="nii.gz",
+                   help="displacement field file format (all are ITK displacement fields in LPS mm)")
+    g.add_argument("--no-qc", action="store_true", help="do not render the QC figure")
+    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="textscf",
+        description="Deformable CT/MRI registration with spatially covariant filters driven by text prompts (textSCF).",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input or options, 3 cancelled.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    reg = sub.add_parser("register", help="register a moving image to a fixed image",
+                         description="Register MOVING to FIXED and write the displacement field (ITK, LPS mm), "
+                         "the warped image, the Jacobian determinant, a JSON report and a QC figure to OUTDIR.")
+    reg.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA/MHD)")
+    reg.add_argument("moving", help="moving image")
+    reg.add_argument("-o", "--output", required=True, help="output folder")
+    reg.add_argument("--fixed-labels", help="label map of the fixed image (stands in for the segmentor)")
+    reg.add_argument("--moving-labels", help="label map of the moving image (for Dice/HD95 and warped labels)")
+    _add_model_options(reg)
+    _add_register_options(reg)
+    _add_output_options(reg)
+
+    demo = sub.add_parser("demo", help="register the bundled example pair with the bundled model",
+                          description="Generate the example abdominal phantom pair, register it with the bundled "
+                          "model and write all outputs and the QC figure.")
+    demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    demo.add_argument("--refine", type=int, default=0, metavar="N", help="instance optimisation iterations")
+    demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    from textscf import training_cli
+
+    training_cli.add_train_parser(sub)
+    try:
+        from textscf import evaluate
+    except ImportError:  # evaluation extras not installed
+        evaluate = None
+    if evaluate is not None:
+        evaluate.add_evaluate_parser(sub)
+    return parser
+
+
+class _ProgressBar:
+    """A tqdm bar over the pipeline's stages."""
+
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=100, unit="%", bar_format="{l_bar}{bar}| {elapsed}", leave=False)
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self.bar is not None:
+            self.bar.set_description(stage)
+            self.bar.n = int(round(100 * fraction))
+            self.bar.refresh()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _options_from_args(args) -> "RegistrationOptions":
+    from textscf.pipeline import RegistrationOptions
+
+    refine_lr = args.refine_lr
+    if refine_lr is None:
+        refine_lr = 1e-3 if (args.checkpoint or "").lower() == "fresh" else 1e-4
+    return RegistrationOptions(
+        checkpoint=args.checkpoint, preset=args.preset, region_names=args.prompts, label_values=args.label_values,
+        template=args.template, text_encoder=args.encoder, init=args.init, device=args.device, integrate=args.integrate,
+        refine_iterations=args.refine, refine_learning_rate=refine_lr, refine_smooth_weight=args.refine_smooth,
+        refine_similarity=args.similarity, segmentor_weights=args.segmentor_weights,
+        unmapped_labels=args.unmapped_labels, seed=args.seed,
+    )
+
+
+def run_registration(fixed, moving, output, options, fixed_labels=None, moving_labels=None, initial_transform=None,
+                     field_format="nii.gz", qc=True, overwrite=False, quiet=False, inputs=None) -> dict:
+    """Register already-read images and write every output into ``output`` (all or nothing)."""
+    from textscf.io import OutputFolder
+    from textscf.outputs import output_names, write_outputs
+    from textscf.pipeline import register
+
+    names = output_names(field_format, moving_labels is not None, qc, initial_transform is not None or options.init != "none")
+    bar = _ProgressBar(not quiet)
+    try:
+        with OutputFolder(output, overwrite=overwrite, names=names) as out:
+            result = register(fixed, moving, options, fixed_labels, moving_labels, initial_transform, progress=bar)
+            bar("write outputs", 1.0)
+            modality = "mri" if (options.preset or "").startswith("brain") else "ct"
+            write_outputs(out, result, fixed, moving, inputs or {}, field_format, qc, fixed_labels, modality)
+    finally:
+        bar.close()
+    return result.stats
+
+
+def _print_summary(stats: dict, output) -> None:
+    parts = [f"SDlogJ {stats['sdlogj']:.3f}", f"|J|<=0 {stats['folding_percent']:.3f} %"]
+    if "mean_dice" in stats:
+        parts.append(f"Dice {100 * stats['mean_dice_before']:.1f} % -> {100 * stats['mean_dice']:.1f} %")
+    parts.append(f"{stats['seconds_total']:.1f} s on {stats['device']}")
+    print(f"textscf: wrote {output}: " + ", ".join(parts))
+
+
+def cmd_register(args) -> int:
+    from textscf.io import read_image, read_label_map, read_transform
+
+    fixed = read_image(args.fixed, "fixed image")
+    moving = read_image(args.moving, "moving image")
+    fixed_labels = read_label_map(args.fixed_labels, fixed, "fixed label map") if args.fixed_labels else None
+    moving_labels = read_label_map(args.moving_labels, moving, "moving label map") if args.moving_labels else None
+    initial = read_transform(args.initial_transform) if args.initial_transform else None
+    options = _options_from_args(args)
+    inputs = {k: getattr(args, k) for k in ("fixed", "moving", "fixed_labels", "moving_labels", "initial_transform",
+                                            "checkpoint", "preset", "template", "init", "device", "refine")}
+    stats = run_registration(fixed, moving, args.output, options, fixed_labels, moving_labels, initial,
+                             args.field_format, not args.no_qc, args.overwrite, args.quiet, inputs)
+    _print_summary(stats, args.output)
+    return EXIT_OK
+
+
+def cmd_demo(args) -> int:
+    from textscf.phantom import make_example_pair
+    from textscf.pipeline import RegistrationOptions
+
+    start = time.perf_counter()
+    pair = make_example_pair(seed=0)
+    options = RegistrationOptions(preset="abdomen-ct", init="center", device=args.device,
+                                  refine_iterations=args.refine, refine_learning_rate=1e-4)
+    inputs = {"fixed": "example phantom subject (generated by textscf.phantom, seed 0)",
+              "moving": "another phantom subject deformed by a known smooth field", "preset": "abdomen-ct"}
+    stats = run_registration(pair["fixed"], pair["moving"], args.output, options, pair["fixed_labels"],
+                             pair["moving_labels"], None, "nii.gz", True, args.overwrite, args.quiet, inputs)
+    _print_summary(stats, args.output)
+    print(f"textscf: demo finished in {time.perf_counter() - start:.1f} s; look at {Path(args.output) / 'qc.png'}")
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from textscf.errors import CancelledError, TextSCFError
+
+    handlers = {"register": cmd_register, "demo": cmd_demo}
+    try:
+        if args.command in handlers:
+            return handlers[args.command](args)
+        return args.handler(args)
+    except CancelledError as exc:
+        print(f"textscf: {exc}", file=sys.stderr)
+        return EXIT_CANCELLED
+    except TextSCFError as exc:
+        print(f"textscf: error: {exc}", file=sys.stderr)
+        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("textscf: interrupted; no output was written", file=sys.stderr)
+        return EXIT_CANCELLED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

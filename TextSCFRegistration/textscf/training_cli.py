@@ -1,0 +1,154 @@
+"""``textscf train``: data sources, their preparation on the model grid, and the command itself.
+
+Every training subject is resampled onto the model grid exactly as ``register`` resamples a fixed image (the
+checkpoint's spacing, shape and orientation, centred on the body), so training and inference see the same thing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from textscf.datasets import (
+    BTCV_SPLIT,
+    IntensityWindow,
+    PairDataset,
+    Subject,
+    load_btcv_labels,
+    load_folder_pairs,
+    load_learn2reg_dataset,
+)
+from textscf.errors import InputError
+from textscf.networks.textscf_net import TextSCFConfig
+from textscf.phantom import PHANTOM_DIRECTION, make_abdomen_phantom
+from textscf.spatial import image_to_array, resample_to_grid
+
+DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def prepare_subject(subject: Subject, config: TextSCFConfig) -> Subject:
+    """``subject`` resampled onto the model grid of ``config`` (linear image, nearest labels)."""
+    from textscf.pipeline import model_grid
+
+    image, labels = subject.image_sitk(), subject.labels_sitk()
+    body = sitk.Cast(labels > 0, sitk.sitkUInt8)
+    grid = model_grid(config, image, body)
+    background = float(np.min(subject.image))
+    image_m = image_to_array(resample_to_grid(image, grid, None, "linear", background)).astype(np.float32)
+    labels_m = image_to_array(resample_to_grid(labels, grid, None, "nearest", 0)).astype(np.int16)
+    return Subject(name=subject.name, image=image_m, labels=labels_m, spacing=grid.spacing, origin=grid.origin,
+                   direction=grid.direction)
+
+
+def phantom_subjects(count: int, seed: int = 0, variation: float = 0.6) -> list[Subject]:
+    """``count`` phantom subjects with subject-like anatomical variation."""
+    out = []
+    for i in range(count):
+        ct, labels = make_abdomen_phantom(seed=seed * 1000 + i, variation=variation)
+        out.append(Subject.from_sitk(f"phantom{i:03d}", ct, labels))
+    return out
+
+
+def load_source(source: str, shared_data: Path, split: str, phantoms: int, seed: int) -> list[Subject]:
+    """Subjects of one ``--data`` source (see ``textscf train --help``)."""
+    if source == "btcv-synthetic":
+        if not (shared_data / "abdomen" / "btcv_labels").is_dir():
+            raise InputError(f"btcv-synthetic needs the BTCV label maps under {shared_data}/abdomen/btcv_labels; "
+                             "give --shared-data PATH")
+        return load_btcv_labels(shared_data, BTCV_SPLIT[split], synthetic_ct=True, seed=seed, anatomical_orientation=True)
+    if source == "phantom":
+        if split != "train":
+            return phantom_subjects(2, seed=seed + 777)
+        return phantom_subjects(phantoms, seed=seed)
+    if source.startswith("folder:"):
+        parts = source.split(":")
+        if len(parts) != 3:
+            raise InputError(f"folder sources are folder:IMAGES_DIR:LABELS_DIR, got {source!r}")
+        return load_folder_pairs(parts[1], parts[2])
+    path = Path(source)
+    if path.suffix == ".json":
+        subjects, _ = load_learn2reg_dataset(path)
+        return [s for s in subjects if s.image is not None and s.labels is not None]
+    raise InputError(f"unknown data source {source!r}; use btcv-synthetic, phantom, a Learn2Reg dataset JSON, "
+                     "or folder:IMAGES_DIR:LABELS_DIR")
+
+
+def add_train_parser(sub) -> None:
+    p = sub.add_parser(
+        "train", help="train a textSCF model",
+        description="Train a textSCF network with weak supervision (MSE + Dice on warped labels + λ‖∇u‖²; Adam with "
+        "polynomial decay). Runs on several processes with torchrun. Sources for --data: 'btcv-synthetic' (CT "
+        "synthesised from the Learn2Reg/BTCV label maps in ../shared/data, paper split), 'phantom' (generated "
+        "abdominal phantoms), a Learn2Reg dataset JSON, or folder:IMAGES_DIR:LABELS_DIR.",
+    )
+    p.add_argument("--data", action="append", required=True, help="training source (repeatable)")
+    p.add_argument("--val", action="append", help="validation source (default: the val split of btcv-synthetic, "
+                   "else two held-out phantoms)")
+    p.add_argument("-o", "--output", required=True, help="folder for best.pt, last.pt, log.csv")
+    p.add_argument("--preset", default="abdomen-ct", help="prompt preset (region names, label values, template)")
+    p.add_argument("--encoder", default="onehot", help="text encoder: onehot or open_clip:MODEL:PRETRAINED")
+    p.add_argument("--start-channels", type=int, default=8, help="N_s (8, 16, 32, 64)")
+    p.add_argument("--hidden-channels", type=int, default=64, help="CΦ of the filter MLP")
+    p.add_argument("--head", choices=["textscf", "no_scf"], default="textscf", help="no_scf = LKU-Net baseline")
+    p.add_argument("--integrate", action="store_true", help="diffeomorphic integration")
+    p.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], help="model grid spacing (mm)")
+    p.add_argument("--shape", type=int, nargs=3, default=[96, 80, 128], help="model grid shape (multiples of 16)")
+    p.add_argument("--epochs", type=int, default=100)
+    p.add_argument("--steps-per-epoch", type=int, default=None, help="pairs per epoch (default: all pairs)")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--smooth-weight", type=float, default=0.1)
+    p.add_argument("--dice-weight", type=float, default=1.0)
+    p.add_argument("--similarity", choices=["mse", "ncc"], default="mse")
+    p.add_argument("--augment", action="store_true", help="random affine, elastic and intensity augmentation")
+    p.add_argument("--phantoms", type=int, default=12, help="phantom subjects for --data phantom")
+    p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(handler=cmd_train)
+
+
+def cmd_train(args) -> int:
+    from textscf.presets import load_preset
+    from textscf.train import TrainSettings, build_model, describe, init_distributed_from_env, train
+
+    init_distributed_from_env()
+    preset = load_preset(args.preset)
+    direction = PHANTOM_DIRECTION if preset.modality == "ct" else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
+    net = build_model(list(preset.region_names), list(preset.label_values), args.encoder, preset.template,
+                      args.start_channels, args.hidden_channels, args.head, args.integrate, preset.modality,
+                      args.spacing, args.shape, direction, args.seed)
+    train_subjects = [s for src in args.data for s in load_source(src, args.shared_data, "train", args.phantoms, args.seed)]
+    val_sources = args.val or (["btcv-synthetic"] if "btcv-synthetic" in args.data else ["phantom"])
+    val_subjects = [s for src in val_sources for s in load_source(src, args.shared_data, "val", args.phantoms, args.seed)]
+    train_subjects = [prepare_subject(s, net.config) for s in train_subjects]
+    val_subjects = [prepare_subject(s, net.config) for s in val_subjects]
+    window = net.config.intensity.get("window", [-500.0, 800.0])
+    normalise = IntensityWindow(*window) if preset.modality == "ct" else None
+    train_pairs = PairDataset(train_subjects, list(preset.label_values), augment=args.augment, seed=args.seed,
+                              normalise=normalise)
+    val_pairs = PairDataset(val_subjects, list(preset.label_values), seed=args.seed, normalise=normalise)
+    settings = TrainSettings(
+        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr,
+        smooth_weight=args.smooth_weight, dice_weight=args.dice_weight, similarity=args.similarity, seed=args.seed,
+        bf16=args.bf16, compile=args.compile, device=args.device, show_progress=not args.quiet,
+    )
+    metadata = {
+        "data": args.data, "val": val_sources, "train_subjects": [s.name for s in train_subjects],
+        "val_subjects": [s.name for s in val_subjects], "augment": args.augment, "preset": args.preset,
+    }
+
+    def report(row):
+        if not args.quiet:
+            print(json.dumps(row))
+
+    result = train(net, train_pairs, args.output, settings, val_pairs=val_pairs, resume=args.resume,
+                   metadata=metadata, on_epoch_end=report)
+    print(f"textscf: training finished: {describe(result)}")
+    return 0
