@@ -170,10 +170,12 @@ class ModelSource(enum.Enum):
     BUNDLED = "bundled"
     LOCAL_FILE = "file"
     URL = "url"
+    FRESH = "fresh"
 
     def label(self):
         return {"bundled": _("Bundled default model"), "file": _("Local checkpoint file"),
-                "url": _("Download from URL")}[self.value]
+                "url": _("Download from URL"),
+                "fresh": _("No pretrained model (fresh network; needs Refine on this pair)")}[self.value]
 
 
 #
@@ -633,6 +635,11 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self.ui.statusLabel.text = _("Downloading the model checkpoint...")
                 slicer.app.processEvents()
                 return self.logic.downloadCheckpoint(p.modelUrl.strip(), p.modelSha256.strip())
+        if p.modelSource == ModelSource.FRESH:
+            if int(p.refineIterations) <= 0:
+                raise ValueError(_("A fresh network must be optimised on the pair: set 'Refine on this pair' "
+                                   "iterations above 0 (e.g. 150) in the Advanced section."))
+            return "fresh"
         return None
 
     def _optionsFromGui(self):

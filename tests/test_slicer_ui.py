@@ -294,3 +294,20 @@ def test_icons_are_128_pixel_pngs(path):
     width, height = struct.unpack(">II", data[16:24])
     assert (width, height) == (128, 128)
     assert len(data) > 2000  # a drawn icon, not a blank placeholder
+
+
+def test_enum_combo_boxes_list_the_enum_labels_in_order():
+    """Combo boxes bound to enums show the same entries, in the same order, as the module's enums."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("TextSCFRegistration_enums", MODULE_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    root = ET.parse(UI_FILE).getroot()
+    for widget_name, enum_class in (("modelSourceComboBox", module.ModelSource),
+                                    ("initialAlignmentComboBox", module.InitialAlignment),
+                                    ("integrationComboBox", module.Integration)):
+        widget = root.find(f".//widget[@name='{widget_name}']")
+        assert widget is not None, widget_name
+        items = [i.find("./property/string").text for i in widget.findall("./item")]
+        assert items == [member.label() for member in enum_class], widget_name

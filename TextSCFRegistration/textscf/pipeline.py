@@ -74,6 +74,9 @@ class RegistrationOptions:
         refine_iterations: instance optimisation steps on this pair (0 = off).
         refine_learning_rate, refine_smooth_weight, refine_similarity: refinement settings
             (similarity "auto" = MSE for CT, local NCC for MRI).
+        refine_field_iterations: last refinement steps on the half-resolution field itself.
+        refine_use_moving_labels: add the Dice term of the moving label map to the refinement (when given).
+        fresh_grid_factor: for ``checkpoint="fresh"``, the model grid's spacing relative to the fixed image's.
         segmentor_weights: SwinUNETR weights (state dict or MONAI bundle) used when no fixed label map is given.
         segmentor_feature_size: 12, 24 or 48 (tiny/small/base).
         unmapped_labels: label values without a prompt: "error" or "background".
@@ -93,6 +96,9 @@ class RegistrationOptions:
     refine_learning_rate: float = 1e-4
     refine_smooth_weight: float = 0.1
     refine_similarity: str = "auto"
+    refine_field_iterations: int = 0
+    refine_use_moving_labels: bool = True
+    fresh_grid_factor: float = 2.0
     segmentor_weights: str | None = None
     segmentor_feature_size: int = 48
     unmapped_labels: str = "error"
@@ -233,11 +239,16 @@ def fresh_model(fixed: sitk.Image, prompts: Prompts, options: RegistrationOption
 
     preset = load_preset(options.preset) if options.preset else None
     modality = preset.modality if preset else ("ct" if _background(fixed) < -500 else "mri")
-    shape = tuple(int(16 * np.ceil(s / 16)) for s in fixed.GetSize())
+    # The network sees the image at 1/grid_factor resolution (features at half of that); the field is
+    # upsampled to the full grid. grid_factor 2 keeps CPU refinement at ~seconds per iteration.
+    factor = float(options.fresh_grid_factor)
+    if factor < 1:
+        raise InputError(f"fresh_grid_factor must be >= 1, got {factor}")
+    spacing = tuple(s * factor for s in fixed.GetSpacing())
+    shape = tuple(int(16 * np.ceil(n / factor / 16)) for n in fixed.GetSize())
     return build_model(
         prompts.region_names, prompts.label_values, "onehot", prompts.template, start_channels=8, hidden_channels=64,
-        modality=modality, spacing=fixed.GetSpacing(), input_shape=shape, direction=fixed.GetDirection(),
-        seed=options.seed,
+        modality=modality, spacing=spacing, input_shape=shape, direction=fixed.GetDirection(), seed=options.seed,
     )
 
 
@@ -404,7 +415,7 @@ def register(
             from textscf.refine import RefineSettings, refine_on_pair
 
             moving_regions_m = None
-            if moving_labels is not None:
+            if moving_labels is not None and options.refine_use_moving_labels:
                 moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
                                                prompts.region_names, "background").predict(moving)
                 moving_regions_m = lut[image_to_array(
@@ -413,6 +424,7 @@ def register(
                 iterations=options.refine_iterations, learning_rate=options.refine_learning_rate,
                 smooth_weight=options.refine_smooth_weight,
                 similarity=_similarity_for(net, options.refine_similarity), seed=options.seed,
+                field_iterations=options.refine_field_iterations,
             )
             refined = refine_on_pair(net, moving_m, fixed_m, regions_m, confidence_m, moving_regions_m,
                                      settings=settings, device=device, cancel=steps.check_cancel)

@@ -106,6 +106,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--phantoms", type=int, default=12, help="phantom subjects for --data phantom")
     p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    p.add_argument("--init-weights", type=Path, help="start from the weights of another checkpoint with the same "
+                   "architecture (e.g. one trained on a coarser grid: a multi-resolution curriculum)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -124,6 +126,11 @@ def cmd_train(args) -> int:
     net = build_model(list(preset.region_names), list(preset.label_values), args.encoder, preset.template,
                       args.start_channels, args.hidden_channels, args.head, args.integrate, preset.modality,
                       args.spacing, args.shape, direction, args.seed)
+    if args.init_weights:
+        from textscf.checkpoint import load_checkpoint, load_state_dict_checked
+
+        source, _ = load_checkpoint(args.init_weights)
+        load_state_dict_checked(net, source.state_dict(), source=str(args.init_weights))
     train_subjects = [s for src in args.data for s in load_source(src, args.shared_data, "train", args.phantoms, args.seed)]
     val_sources = args.val or (["btcv-synthetic"] if "btcv-synthetic" in args.data else ["phantom"])
     val_subjects = [s for src in val_sources for s in load_source(src, args.shared_data, "val", args.phantoms, args.seed)]
@@ -142,6 +149,7 @@ def cmd_train(args) -> int:
     metadata = {
         "data": args.data, "val": val_sources, "train_subjects": [s.name for s in train_subjects],
         "val_subjects": [s.name for s in val_subjects], "augment": args.augment, "preset": args.preset,
+        "init_weights": str(args.init_weights) if args.init_weights else None,
     }
 
     def report(row):

@@ -1,0 +1,111 @@
+"""Instance optimisation on tiny volumes: it lowers the loss, can be cancelled, and is deterministic."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from textscf.errors import CancelledError, InputError
+from textscf.pipeline import RegistrationOptions, register
+from textscf.refine import RefineSettings, refine_on_pair
+from textscf.train import build_model
+
+
+def blobs(shift):
+    shape = (32, 32, 32)
+    idx = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in shape], indexing="ij"))
+    c = np.array([16.0 + shift, 15.0, 16.0], np.float32)[:, None, None, None]
+    r = np.sqrt((((idx - c) / np.array([8.0, 6.0, 7.0], np.float32)[:, None, None, None]) ** 2).sum(0))
+    regions = np.where(r <= 1, np.where(idx[0] < c[0, 0, 0, 0], 1, 2), 0).astype(np.int64)
+    image = np.where(regions == 1, 0.9, np.where(regions == 2, 0.55, 0.1)).astype(np.float32)
+    return image, regions
+
+
+def tiny_net():
+    return build_model(["left", "right"], [1, 2], start_channels=4, hidden_channels=16, spacing=(1, 1, 1),
+                       input_shape=(32, 32, 32), seed=0)
+
+
+def test_refinement_lowers_the_loss_and_leaves_the_input_network_alone():
+    fixed, fixed_regions = blobs(0)
+    moving, moving_regions = blobs(3)
+    net = tiny_net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    result = refine_on_pair(net, moving, fixed, fixed_regions, None, moving_regions,
+                            RefineSettings(iterations=25, learning_rate=3e-3, patience=0, field_iterations=5))
+    assert result.iterations_run == 25 and result.field_iterations_run == 5
+    assert np.mean(result.losses[-3:]) < 0.6 * np.mean(result.losses[:3])
+    assert np.abs(result.displacement).max() > 0.5  # it moved something
+    for key, value in net.state_dict().items():
+        torch.testing.assert_close(value, before[key])  # refinement works on a copy
+
+
+def test_head_only_refinement_keeps_the_backbone():
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(2)
+    net = tiny_net()
+    result = refine_on_pair(net, moving, fixed, fixed_regions, settings=RefineSettings(
+        iterations=4, learning_rate=1e-3, parameters="head", patience=0))
+    refined = result.network.state_dict()
+    for key, value in net.state_dict().items():
+        if key.startswith("backbone.ec"):
+            torch.testing.assert_close(refined[key], value)
+    assert any(not torch.equal(refined[k], net.state_dict()[k]) for k in refined if k.startswith("head."))
+
+
+def test_refinement_is_deterministic_on_cpu():
+    fixed, fixed_regions = blobs(0)
+    moving, moving_regions = blobs(2)
+    settings = RefineSettings(iterations=6, learning_rate=2e-3, patience=0, seed=7)
+    a = refine_on_pair(tiny_net(), moving, fixed, fixed_regions, None, moving_regions, settings)
+    b = refine_on_pair(tiny_net(), moving, fixed, fixed_regions, None, moving_regions, settings)
+    np.testing.assert_array_equal(a.displacement, b.displacement)
+    assert a.losses == b.losses
+
+
+def test_refinement_stops_early_on_a_plateau():
+    fixed, fixed_regions = blobs(0)
+    result = refine_on_pair(tiny_net(), fixed, fixed, fixed_regions, settings=RefineSettings(
+        iterations=200, learning_rate=1e-5, patience=5, min_improvement=0.05))
+    assert result.stopped_early and result.iterations_run < 200
+
+
+def test_refinement_respects_cancellation():
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(2)
+    calls = []
+
+    def cancel():
+        calls.append(1)
+        if len(calls) > 3:
+            raise CancelledError("cancelled")
+
+    with pytest.raises(CancelledError):
+        refine_on_pair(tiny_net(), moving, fixed, fixed_regions, settings=RefineSettings(iterations=50), cancel=cancel)
+    assert len(calls) == 4
+
+
+def _image(arr, pixel=sitk.sitkFloat32):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    img.SetSpacing((1.0, 1.0, 1.0))
+    return sitk.Cast(img, pixel)
+
+
+def test_pipeline_refinement_from_a_fresh_network_improves_dice_and_is_cancellable():
+    fixed, fixed_regions = blobs(0)
+    moving, moving_regions = blobs(3)
+    args = (_image(fixed), _image(moving))
+    labels = dict(fixed_labels=_image(fixed_regions, sitk.sitkUInt8), moving_labels=_image(moving_regions, sitk.sitkUInt8))
+    options = RegistrationOptions(checkpoint="fresh", region_names=["left", "right"], label_values=[1, 2], init="none",
+                                  refine_iterations=30, refine_learning_rate=1e-3, refine_similarity="mse",
+                                  fresh_grid_factor=1.0, seed=0)
+    result = register(*args, options, **labels)
+    assert result.stats["mean_dice"] > result.stats["mean_dice_before"] + 0.1
+    assert result.stats["refine"]["iterations"] >= 1
+    assert result.stats["folding_percent"] < 1.0
+
+    steps = []
+    with pytest.raises(CancelledError):
+        register(*args, options, **labels, progress=lambda stage, f: steps.append(stage),
+                 cancel=lambda: "register" in steps)
+    with pytest.raises(InputError, match="--refine"):
+        register(*args, RegistrationOptions(checkpoint="fresh", region_names=["left", "right"], label_values=[1, 2]))
