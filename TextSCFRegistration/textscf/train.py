@@ -173,7 +173,7 @@ def validate(net: TextSCFNet, pairs: Dataset, device: torch.device) -> float:
         mr, fr = item["moving_regions"][None].to(device), item["fixed_regions"][None].to(device)
         out = net(m, f, fr)
         warped = warp_nearest(mr.float(), out.displacement).round().long()
-        labels = sorted(set(torch.unique(fr).tolist()) | set(torch.unique(mr).tolist()) - {0})
+        labels = sorted((set(torch.unique(fr).tolist()) | set(torch.unique(mr).tolist())) - {0})
         dice = metrics.dice_per_label(warped[0, 0].cpu().numpy(), fr[0, 0].cpu().numpy(), labels)
         scores.append(metrics.mean_ignoring_nan(dice))
     net.train()
