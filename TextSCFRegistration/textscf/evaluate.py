@@ -936,9 +936,7 @@ def cmd_evaluate(args) -> int:
     cases = cases_from_argument(args.pairs, args.shared_data, args.split)
     if args.limit is not None:
         cases = cases[: args.limit]
-    refine_lr = args.refine_lr
-    if refine_lr is None:
-        refine_lr = 1e-3 if (args.checkpoint or "").lower() == "fresh" else 1e-4
+    refine_lr = args.refine_lr if args.refine_lr is not None else 1e-3
     options = RegistrationOptions(
         checkpoint=args.checkpoint, preset=args.preset, region_names=args.prompts, label_values=args.label_values,
         init=args.init, device=args.device, refine_iterations=args.refine, refine_learning_rate=refine_lr,

@@ -93,7 +93,7 @@ class RegistrationOptions:
     device: str = "auto"
     integrate: bool | None = None
     refine_iterations: int = 0
-    refine_learning_rate: float = 1e-4
+    refine_learning_rate: float = 1e-3
     refine_smooth_weight: float = 0.1
     refine_similarity: str = "auto"
     refine_field_iterations: int = 0
