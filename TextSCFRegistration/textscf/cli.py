@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "model and write all outputs and the QC figure.")
     demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    demo.add_argument("--refine", type=int, default=20, metavar="N",
-                      help="instance optimisation iterations on the pair (default 20; 0 = the network alone)")
+    demo.add_argument("--refine", type=int, default=12, metavar="N",
+                      help="instance optimisation iterations on the pair (default 12, then 30 field steps; 0 = the network alone)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
