@@ -3,42 +3,18 @@
 Endpoint error (EPE) is the mean |u - u_true| in mm over organ voxels; Dice over the BTCV organs present.
 The printed numbers are the ones quoted in README.md.
 """
-import json
-
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from textscf import metrics
+from textscf.datasets import load_example_ct
 from textscf.phantom import affine_to_displacement, deform_pair, random_affine, random_smooth_displacement
 from textscf.pipeline import RegistrationOptions, register
 from textscf.spatial import image_to_array, physical_displacement_to_voxel
 
-TOTALSEG_TO_BTCV = {
-    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "esophagus": 5, "liver": 6, "stomach": 7,
-    "aorta": 8, "inferior_vena_cava": 9, "portal_vein_and_splenic_vein": 10, "pancreas": 11,
-    "adrenal_gland_right": 12, "adrenal_gland_left": 13,
-}
-
-
-def _name_to_value(names) -> dict[str, int]:
-    if isinstance(names, dict):
-        items = list(names.items())
-        if all(str(k).isdigit() for k, _ in items):
-            return {str(v): int(k) for k, v in items}
-        return {str(k): int(v) for k, v in items}
-    return {str(n): i + 1 for i, n in enumerate(names)}
-
-
 @pytest.fixture(scope="module")
 def real_ct(shared_data):
-    ct = sitk.ReadImage(str(shared_data / "abdomen" / "ct_example.nii.gz"), sitk.sitkFloat32)
-    labels = image_to_array(sitk.ReadImage(str(shared_data / "abdomen" / "ct_example_labels.nii.gz"))).astype(np.int64)
-    value_of = _name_to_value(json.loads((shared_data / "abdomen" / "ct_example_labels.json").read_text()))
-    btcv = np.zeros_like(labels)
-    for name, value in TOTALSEG_TO_BTCV.items():
-        if name in value_of:
-            btcv[labels == value_of[name]] = value
+    ct, btcv = load_example_ct(shared_data)
     assert len(np.unique(btcv)) > 5, "expected several BTCV organs in the example's labels"
     return ct, btcv
 

@@ -13,7 +13,7 @@ if not hasattr(slicer, "vtkMRMLScene"):
 import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 
-from textscf.errors import CancelledError, CheckpointError, InputError, PromptError  # noqa: E402
+from textscf.errors import CancelledError, CheckpointError, InputError  # noqa: E402
 from textscf.results import RegistrationResult  # noqa: E402
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"

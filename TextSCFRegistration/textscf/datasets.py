@@ -577,3 +577,38 @@ class PairDataset(torch.utils.data.Dataset):
         if aug.noise_std:
             image = image + aug.noise_std * torch.randn(image.shape, generator=generator)
         return image.clamp(0.0, 1.0).contiguous(), regions.contiguous()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the real example CT
+
+
+# TotalSegmentator names of the 13 BTCV organs, mapped to their BTCV label values.
+TOTALSEGMENTATOR_TO_BTCV = {
+    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "esophagus": 5, "liver": 6, "stomach": 7,
+    "aorta": 8, "inferior_vena_cava": 9, "portal_vein_and_splenic_vein": 10, "pancreas": 11,
+    "adrenal_gland_right": 12, "adrenal_gland_left": 13,
+}
+
+
+def _names_to_values(names) -> dict[str, int]:
+    """{name: label value} from a label JSON given as {value: name}, {name: value} or a list of names."""
+    if isinstance(names, dict):
+        items = list(names.items())
+        if all(str(k).isdigit() for k, _ in items):
+            return {str(v): int(k) for k, v in items}
+        return {str(k): int(v) for k, v in items}
+    return {str(n): i + 1 for i, n in enumerate(names)}
+
+
+def load_example_ct(shared_data) -> tuple[sitk.Image, np.ndarray]:
+    """The real example CT (HU) and its organ labels relabelled to BTCV values ``(I, J, K)`` (others -> 0)."""
+    folder = Path(shared_data) / "abdomen"
+    ct = sitk.ReadImage(str(folder / "ct_example.nii.gz"), sitk.sitkFloat32)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ct_example_labels.nii.gz"))).transpose(2, 1, 0)
+    value_of = _names_to_values(json.loads((folder / "ct_example_labels.json").read_text()))
+    btcv = np.zeros(labels.shape, np.int64)
+    for name, value in TOTALSEGMENTATOR_TO_BTCV.items():
+        if name in value_of:
+            btcv[labels == value_of[name]] = value
+    return ct, btcv

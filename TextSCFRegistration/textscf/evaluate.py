@@ -901,7 +901,7 @@ def add_evaluate_parser(sub) -> None:
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     g.add_argument("--refine", type=int, default=0, metavar="N", help="instance optimisation iterations per pair")
     g.add_argument("--refine-lr", type=float, default=None,
-                   help="refinement learning rate (default 1e-4; 1e-3 for --checkpoint fresh)")
+                   help="refinement learning rate (default 1e-3)")
     g.add_argument("--seed", type=int, default=0)
     o = p.add_argument_group("outputs")
     o.add_argument("--learn2reg", action="store_true", help="also write the Learn2Reg submission fields")

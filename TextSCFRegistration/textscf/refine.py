@@ -204,61 +204,54 @@ def refine_on_pair(
 
         bar = tqdm(total=total_steps, desc="refine", unit="it", leave=False)
 
-    params = _trainable(model, settings.parameters)
-    optimiser = torch.optim.Adam(params, lr=settings.learning_rate)
-    plateau = _Plateau(settings.patience, settings.min_improvement)
-    step = 0
-    try:
-        for _ in range(settings.iterations):
+    done = 0
+
+    def optimise(parameters, learning_rate, iterations, loss_fn) -> tuple[int, bool]:
+        """Adam steps on ``loss_fn()`` until ``iterations`` or a plateau; returns (steps run, stopped early)."""
+        nonlocal done
+        optimiser = torch.optim.Adam(parameters, lr=learning_rate)
+        plateau = _Plateau(settings.patience, settings.min_improvement)
+        for step in range(iterations):
             if cancel is not None:
                 cancel()
             optimiser.zero_grad(set_to_none=True)
-            out = model(m, f, regions, p)
-            loss = loss_of(out.displacement, out.warped, out.regularised_field)
+            loss = loss_fn()
             loss.backward()
             optimiser.step()
             value = float(loss.detach())
             result.losses.append(value)
-            step += 1
-            result.iterations_run += 1
+            done += 1
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}")
             if progress is not None:
-                progress(step, total_steps, value)
+                progress(done, total_steps, value)
             if plateau.update(value):
-                result.stopped_early = True
-                break
+                return step + 1, True
+        return iterations, False
 
+    def network_loss():
+        out = model(m, f, regions, p)
+        return loss_of(out.displacement, out.warped, out.regularised_field)
+
+    try:
+        result.iterations_run, result.stopped_early = optimise(
+            _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss)
         model.eval()
         with torch.no_grad():
-            out = model(m, f, regions, p)
-        displacement = out.displacement.detach()
+            displacement = model(m, f, regions, p).displacement.detach()
 
         if settings.field_iterations > 0:
             size = tuple(fixed.shape)
             half = torch.nn.Parameter(resize_field(displacement, tuple(s // 2 for s in size)))
-            field_optimiser = torch.optim.Adam([half], lr=settings.field_learning_rate)
             transformer = SpatialTransformer()
-            field_plateau = _Plateau(settings.patience, settings.min_improvement)
-            for _ in range(settings.field_iterations):
-                if cancel is not None:
-                    cancel()
-                field_optimiser.zero_grad(set_to_none=True)
+
+            def field_loss():
                 full = resize_field(half, size)
-                loss = loss_of(full, transformer(m, full), full)
-                loss.backward()
-                field_optimiser.step()
-                value = float(loss.detach())
-                result.losses.append(value)
-                step += 1
-                result.field_iterations_run += 1
-                if bar is not None:
-                    bar.update(1)
-                if progress is not None:
-                    progress(step, total_steps, value)
-                if field_plateau.update(value):
-                    break
+                return loss_of(full, transformer(m, full), full)
+
+            result.field_iterations_run, _ = optimise([half], settings.field_learning_rate,
+                                                      settings.field_iterations, field_loss)
             displacement = resize_field(half.detach(), size)
     finally:
         if bar is not None:

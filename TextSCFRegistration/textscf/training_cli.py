@@ -5,7 +5,6 @@ checkpoint's spacing, shape and orientation, centred on the body), so training a
 """
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
