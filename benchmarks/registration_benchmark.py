@@ -127,7 +127,7 @@ def abdomen(args) -> tuple[list[dict], str]:
     if args.refine:
         methods["textSCF + refine"] = RegistrationOptions(
             checkpoint=args.checkpoint, preset="abdomen-ct", init=args.abdomen_init, device=args.device,
-            refine_iterations=args.refine, refine_learning_rate=1e-4, refine_similarity="mse")
+            refine_iterations=args.refine, refine_field_iterations=30, refine_similarity="mse")
     rows = []
     for moving_name, fixed_name in pairs:
         fixed, fixed_lab = data[fixed_name]
@@ -211,8 +211,8 @@ def real_ct(args) -> tuple[list[dict], str]:
     rows = []
     shape = ct_arr.shape
     fields = {
-        "smooth random field (max 10 mm)": random_smooth_displacement(shape, spacing, max_displacement_mm=10.0,
-                                                                      smoothness_mm=40.0, seed=3),
+        "smooth random field (max 15 mm)": random_smooth_displacement(shape, spacing, max_displacement_mm=15.0,
+                                                                      smoothness_mm=50.0, seed=3),
         "affine (5 deg, 8 mm, 5 %)": affine_to_displacement(
             random_affine(max_rotation_deg=5, max_translation_mm=8, max_scale=0.05, seed=4,
                           center=ct.TransformContinuousIndexToPhysicalPoint([(s - 1) / 2 for s in ct.GetSize()])),
@@ -230,7 +230,7 @@ def real_ct(args) -> tuple[list[dict], str]:
         if args.refine:
             candidates.append(("textSCF + refine", RegistrationOptions(
                 checkpoint=args.checkpoint, preset="abdomen-ct", init=init, device=args.device,
-                refine_iterations=args.refine, refine_similarity="mse")))
+                refine_iterations=args.refine, refine_field_iterations=30, refine_similarity="mse")))
         for method, options in candidates:
             warped, jac, seconds, _, u = run_textscf(fixed_arr, ct_arr, fixed_lab, btcv, spacing, options,
                                                      ct.GetDirection())
