@@ -59,6 +59,7 @@ __all__ = [
     "write_displacement_transform",
     "write_transform",
     "check_same_grid",
+    "grid_mismatch",
     "OutputFolder",
 ]
 
@@ -186,27 +187,48 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
     return img
 
 
-def check_same_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_what: str = "the image",
-                    tol: float = 1e-3) -> None:
-    """Raise InputError unless ``image`` lies on ``reference``'s voxel grid.
+# Grid tolerances: NIfTI stores its affine in float32, so exact equality is
+# too strict.
+_SPACING_RTOL = 1e-3
+_ORIGIN_TOL_FRACTION = 1e-3  # of the smallest voxel spacing, in mm
+_DIRECTION_TOL = 1e-3
 
-    Origins are compared in voxels (``tol`` of a voxel), spacings relatively (``tol``), direction cosines
-    absolutely (``tol``); float32 rounding in NIfTI headers stays far inside these.
-    """
-    def fmt(values, digits):
-        return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
 
+def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
+    """How ``other``'s grid differs from ``reference``'s, one sentence per differing property ([] = same grid)."""
     problems = []
-    if image.GetSize() != reference.GetSize():
-        problems.append(f"size {fmt(image.GetSize(), 0)} vs {fmt(reference.GetSize(), 0)}")
-    sp_i, sp_r = np.array(image.GetSpacing()), np.array(reference.GetSpacing())
-    if not np.allclose(sp_i, sp_r, rtol=tol, atol=0):
-        problems.append(f"spacing {fmt(sp_i, 6)} vs {fmt(sp_r, 6)} mm")
-    d_origin = np.abs(np.array(image.GetOrigin()) - np.array(reference.GetOrigin()))
-    if np.any(d_origin > tol * sp_r):
-        problems.append(f"origin {fmt(image.GetOrigin(), 4)} vs {fmt(reference.GetOrigin(), 4)} mm (LPS)")
-    if not np.allclose(image.GetDirection(), reference.GetDirection(), rtol=0, atol=tol):
-        problems.append(f"direction {fmt(image.GetDirection(), 4)} vs {fmt(reference.GetDirection(), 4)}")
+    if reference.GetSize() != other.GetSize():
+        problems.append(f"size {other.GetSize()} vs {reference.GetSize()}")
+        # Still report the other properties: the fix is the same but the user sees the whole picture.
+    sp_r, sp_o = np.array(reference.GetSpacing()), np.array(other.GetSpacing())
+    d_sp = np.abs(sp_o - sp_r)
+    if np.any(d_sp > _SPACING_RTOL * sp_r):
+        problems.append(
+            f"spacing {tuple(sp_o.round(6))} vs {tuple(sp_r.round(6))} mm (differs by up to {d_sp.max():.4g} mm)"
+        )
+    d_or = float(np.abs(np.array(other.GetOrigin()) - np.array(reference.GetOrigin())).max())
+    tol_or = _ORIGIN_TOL_FRACTION * float(sp_r.min())
+    if d_or > tol_or:
+        problems.append(
+            f"origin {tuple(np.round(other.GetOrigin(), 4))} vs {tuple(np.round(reference.GetOrigin(), 4))} mm "
+            f"(differs by up to {d_or:.4g} mm, tolerance {tol_or:.2g} mm)"
+        )
+    dir_r = np.array(reference.GetDirection()).reshape(3, 3)
+    dir_o = np.array(other.GetDirection()).reshape(3, 3)
+    d_dir = float(np.abs(dir_o - dir_r).max())
+    if d_dir > _DIRECTION_TOL:
+        # Angle of the rotation taking one frame to the other (meaningful when both have the same handedness).
+        cos = np.clip((np.trace(dir_r.T @ dir_o) - 1.0) / 2.0, -1.0, 1.0)
+        problems.append(
+            f"direction {tuple(dir_o.ravel().round(4))} vs {tuple(dir_r.ravel().round(4))} "
+            f"(entries differ by up to {d_dir:.4g}, about {np.degrees(np.arccos(cos)):.3g} degrees)"
+        )
+    return problems
+
+
+def check_same_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_what: str = "the image") -> None:
+    """Raise InputError unless ``image`` lies on ``reference``'s voxel grid (within :func:`grid_mismatch`'s tolerances)."""
+    problems = grid_mismatch(reference, image)
     if problems:
         raise InputError(f"{what} is not on the voxel grid of {reference_what}: " + "; ".join(problems) +
                          f". Fix: resample {what} onto {reference_what}'s grid with nearest-neighbour "

@@ -24,16 +24,12 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import SimpleITK as sitk
 
+from textscf.io import grid_mismatch
 from textscf.errors import CheckpointError, InputError, PromptError
 
 BACKGROUND = "background"
 BTCV_BUNDLE_NAME = "swin_unetr_btcv_segmentation"
 
-# Grid tolerances (as textscf.io.check_same_grid): NIfTI stores its affine in float32, so exact equality is
-# too strict.
-_SPACING_RTOL = 1e-3
-_ORIGIN_TOL_FRACTION = 1e-3  # of the smallest voxel spacing, in mm
-_DIRECTION_TOL = 1e-3
 
 _INTEGER_PIXEL_IDS = {
     sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
@@ -129,38 +125,6 @@ def _check_image(image: object, what: str) -> sitk.Image:
             "Fix: extract one channel (e.g. SimpleITK.VectorIndexSelectionCast)."
         )
     return image
-
-
-def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
-    """How ``other``'s grid differs from ``reference``'s, one sentence per differing property ([] = same grid)."""
-    problems = []
-    if reference.GetSize() != other.GetSize():
-        problems.append(f"size {other.GetSize()} vs {reference.GetSize()}")
-        # Still report the other properties: the fix is the same but the user sees the whole picture.
-    sp_r, sp_o = np.array(reference.GetSpacing()), np.array(other.GetSpacing())
-    d_sp = np.abs(sp_o - sp_r)
-    if np.any(d_sp > _SPACING_RTOL * sp_r):
-        problems.append(
-            f"spacing {tuple(sp_o.round(6))} vs {tuple(sp_r.round(6))} mm (differs by up to {d_sp.max():.4g} mm)"
-        )
-    d_or = float(np.abs(np.array(other.GetOrigin()) - np.array(reference.GetOrigin())).max())
-    tol_or = _ORIGIN_TOL_FRACTION * float(sp_r.min())
-    if d_or > tol_or:
-        problems.append(
-            f"origin {tuple(np.round(other.GetOrigin(), 4))} vs {tuple(np.round(reference.GetOrigin(), 4))} mm "
-            f"(differs by up to {d_or:.4g} mm, tolerance {tol_or:.2g} mm)"
-        )
-    dir_r = np.array(reference.GetDirection()).reshape(3, 3)
-    dir_o = np.array(other.GetDirection()).reshape(3, 3)
-    d_dir = float(np.abs(dir_o - dir_r).max())
-    if d_dir > _DIRECTION_TOL:
-        # Angle of the rotation taking one frame to the other (meaningful when both have the same handedness).
-        cos = np.clip((np.trace(dir_r.T @ dir_o) - 1.0) / 2.0, -1.0, 1.0)
-        problems.append(
-            f"direction {tuple(dir_o.ravel().round(4))} vs {tuple(dir_r.ravel().round(4))} "
-            f"(entries differ by up to {d_dir:.4g}, about {np.degrees(np.arccos(cos)):.3g} degrees)"
-        )
-    return problems
 
 
 # --------------------------------------------------------------------------------------------------------------
