@@ -256,14 +256,8 @@ def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: P
                   options: RegistrationOptions, device: torch.device) -> Segmentation:
     """Regions and confidence of the fixed image from the user's label map, else from SwinUNETR."""
     if fixed_labels is not None:
-        labels = fixed_labels
-        if prompts.background_labels:
-            arr = sitk.GetArrayFromImage(labels)
-            arr = np.where(np.isin(arr, prompts.background_labels), 0, arr)
-            cleared = sitk.GetImageFromArray(arr)
-            cleared.CopyInformation(labels)
-            labels = cleared
-        segmentor = LabelMapSegmentor(labels, prompts.label_values, prompts.region_names, options.unmapped_labels)
+        segmentor = LabelMapSegmentor(_clear_background_labels(fixed_labels, prompts), prompts.label_values,
+                                      prompts.region_names, options.unmapped_labels)
         return segmentor.predict(fixed)
     if not options.segmentor_weights:
         raise InputError(
@@ -384,13 +378,14 @@ def register(
 
     with steps.stage("segment fixed image"):
         seg = segment_fixed(fixed, fixed_labels, prompts, options, device)
+        moving_seg = None
         if moving_labels is not None:
             # Same validation as the fixed map (integer, prompts for every value, same grid as its image);
-            # its "region absent" warnings would repeat the fixed map's.
+            # its "region absent" warnings would repeat the fixed map's. Refinement reuses the regions.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
-                                  prompts.region_names, options.unmapped_labels).predict(moving)
+                moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
+                                               prompts.region_names, options.unmapped_labels).predict(moving)
 
     with steps.stage("initial alignment"):
         if initial_transform is not None:
@@ -415,9 +410,7 @@ def register(
             from textscf.refine import RefineSettings, refine_on_pair
 
             moving_regions_m = None
-            if moving_labels is not None and options.refine_use_moving_labels:
-                moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
-                                               prompts.region_names, "background").predict(moving)
+            if moving_seg is not None and options.refine_use_moving_labels:
                 moving_regions_m = lut[image_to_array(
                     resample_to_grid(moving_seg.labels, grid, init, "nearest", 0)).astype(np.int64)]
             settings = RefineSettings(
