@@ -96,7 +96,7 @@ def evaluated(boxes, tiny_checkpoint, tmp_path_factory):
 
 
 def _read_csv(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
+    with path.open(newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 
@@ -142,7 +142,7 @@ def test_reports_are_written_and_parseable(evaluated):
     assert pair_rows[0]["mean_dice"] == pytest.approx(result.per_pair[0]["mean_dice"], rel=1e-12)
     assert pair_rows[0]["device"] == "cpu" and pair_rows[0]["fixed"] == "1"
 
-    md = (out / "summary.md").read_text()
+    md = (out / "summary.md").read_text(encoding="utf-8")
     assert md == result.markdown
     assert "| before registration | 2 | 89.58 ± 14.73 |" in md  # (79.17 + 100) / 2, std 20.83 / sqrt(2)
     assert "| textscf | 2 | 89.58 ± 14.73 | 1.75 ± 2.47 | 0.000 ± 0.000 | 0.000 ± 0.000 |" in md
@@ -249,7 +249,7 @@ def test_synthetic_images_are_said_plainly(boxes, tiny_checkpoint, tmp_path):
     result = evaluate_pairs([case], _options(tiny_checkpoint), tmp_path / "out", progress=False,
                             method_name="tiny")
     assert result.notes == [evaluate.SYNTHETIC_NOTE]
-    md = (tmp_path / "out" / "summary.md").read_text()
+    md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "SYNTHETIC" in md and "# Evaluation: tiny" in md and "| tiny | 1 |" in md
     assert not (tmp_path / "out" / "learn2reg").exists()
 
