@@ -25,7 +25,8 @@ import numpy as np
 import SimpleITK as sitk
 
 from textscf.io import grid_mismatch
-from textscf.errors import CheckpointError, InputError, PromptError
+from textscf.errors import CheckpointError, InputError
+from textscf.text import validate_region_names
 
 BACKGROUND = "background"
 BTCV_BUNDLE_NAME = "swin_unetr_btcv_segmentation"
@@ -90,26 +91,7 @@ class Segmentor(Protocol):
 
 def _check_prompt_names(region_names: Sequence[str]) -> list[str]:
     """Validate the prompt names (regions 1..N-1) and return the full list with "background" first."""
-    if isinstance(region_names, str) or not isinstance(region_names, Sequence):
-        raise PromptError(
-            f"region_names must be a list of region names, got {type(region_names).__name__}. "
-            "Fix: pass e.g. ['liver', 'spleen']."
-        )
-    names = [str(n).strip() for n in region_names]
-    if not names:
-        raise PromptError("region_names is empty. Fix: give at least one region name (the background is implicit).")
-    if any(not n for n in names):
-        raise PromptError(f"region_names contains an empty name: {list(region_names)}. Fix: remove it.")
-    if any(n.lower() == BACKGROUND for n in names):
-        raise PromptError(
-            "region_names contains 'background', but region index 0 is always the background and is added "
-            "automatically. Fix: list only the foreground regions."
-        )
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
-    if duplicates:
-        raise PromptError(f"region_names has duplicates: {duplicates}. Fix: give each region once.")
-    return [BACKGROUND, *names]
+    return [BACKGROUND, *validate_region_names(region_names)]
 
 
 def _check_image(image: object, what: str) -> sitk.Image:
