@@ -81,3 +81,32 @@ def test_pipeline_resources_small_run(tmp_path, capsys):
         assert f"| {stage} |" in printed
     assert result["runs"]["refine 1"]["refine"]["iterations"] == 1
     assert 0 < result["peak_fraction_of_budget"]["forward"] < 1
+
+
+def test_registration_benchmark_dice_conventions_and_table():
+    """``mean_dice`` counts an organ missing from one map as 0; ``mean_dice_both`` (Learn2Reg) drops it."""
+    import numpy as np
+
+    from benchmarks import registration_benchmark as rb
+
+    fixed = np.zeros((8, 8, 8), np.int64)
+    fixed[1:4, 1:4, 1:4] = 1
+    fixed[5:7, 5:7, 5:7] = 2  # organ 2 is only in the fixed map
+    moving = np.zeros_like(fixed)
+    moving[1:4, 1:4, 1:4] = 1
+    zero = np.zeros((3, 8, 8, 8))
+    m = rb.pair_metrics(moving, fixed, [1, 2, 3], (1.0, 1.0, 1.0), zero, moving_labels=moving)
+    assert m["dice"][1] == pytest.approx(1.0) and m["dice"][2] == 0.0 and np.isnan(m["dice"][3])
+    assert m["mean_dice"] == pytest.approx(0.5)
+    assert m["mean_dice_both"] == pytest.approx(1.0)
+    assert m["folding_percent"] == 0.0
+
+    rows = [{"method": "unregistered", "seconds": 0.0, **m},
+            {"method": "textSCF", "seconds": 2.0, **{**m, "mean_dice": 0.7}},
+            {"method": "ANTs SyN", "seconds": 8.0, **{**m, "mean_dice": 0.6}}]
+    summaries = [rb.summarise(rows, name) for name in ("unregistered", "textSCF", "ANTs SyN")]
+    table = rb.markdown(summaries, ["textSCF", "absent method"], "T", "note").splitlines()
+    assert "Dice % (organs in both)" in table[4] and "absent method" not in table[4]
+    ants = [line for line in table if line.startswith("| ANTs SyN")][0].split(" | ")
+    assert ants[-2] == "0.25" and ants[-1].rstrip(" |") == "+10.00"
+    assert all(line.replace("\\|", "").count("|") == table[4].replace("\\|", "").count("|") for line in table[4:])
