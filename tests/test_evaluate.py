@@ -129,6 +129,18 @@ def test_planted_boxes_give_the_hand_computed_metrics(evaluated):
     assert result.summary["pairs"]["mean_hd95_mm"]["mean"] == pytest.approx((3.5 + 0.0) / 2)
 
 
+def test_a_region_missing_from_one_scan_counts_as_0_or_is_dropped(boxes, tiny_checkpoint, tmp_path):
+    """Our Dice scores a region present in only one label map as 0; the Learn2Reg mean drops it."""
+    no_spleen = _labels({1: MOVING_BOXES[1]})
+    case = PairCase("no-spleen", boxes["fixed"], _image(_ct(no_spleen, 1)), boxes["fixed_labels"], _image(no_spleen))
+    result = evaluate_pairs([case], _options(tiny_checkpoint), tmp_path / "out", progress=False)
+    row = result.per_pair[0]
+    assert row["mean_dice"] == pytest.approx((6 / 8 + 0.0) / 2)
+    assert row["mean_dice_in_both"] == pytest.approx(6 / 8)
+    assert row["mean_dice_before_in_both"] == pytest.approx(6 / 8)
+    assert "| textscf | 1 | 37.50 | 75.00 |" in result.markdown
+
+
 def test_reports_are_written_and_parseable(evaluated):
     out, result = evaluated
     assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.OUTPUT_NAMES, "learn2reg"])
@@ -145,7 +157,7 @@ def test_reports_are_written_and_parseable(evaluated):
     md = (out / "summary.md").read_text(encoding="utf-8")
     assert md == result.markdown
     assert "| before registration | 2 | 89.58 ± 14.73 |" in md  # (79.17 + 100) / 2, std 20.83 / sqrt(2)
-    assert "| textscf | 2 | 89.58 ± 14.73 | 1.75 ± 2.47 | 0.000 ± 0.000 | 0.000 ± 0.000 |" in md
+    assert "| textscf | 2 | 89.58 ± 14.73 | 89.58 ± 14.73 | 1.75 ± 2.47 | 0.000 ± 0.000 | 0.000 ± 0.000 |" in md
     assert "| liver | 2 | 87.50 ± 17.68 | 87.50 ± 17.68 | 2.00 ± 2.83 | 2.00 ± 2.83 |" in md
     assert "SYNTHETIC" not in md
     png = (out / "dice_boxplot.png").read_bytes()

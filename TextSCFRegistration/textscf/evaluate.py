@@ -69,8 +69,8 @@ ImageSource = Union[str, os.PathLike, sitk.Image, Callable[[], sitk.Image]]
 
 PER_REGION_COLUMNS = ("pair", "region", "dice", "hd95_mm", "dice_before", "hd95_mm_before")
 PER_PAIR_COLUMNS = (
-    "pair", "fixed", "moving", "mean_dice_before", "mean_dice_initial_alignment", "mean_dice", "mean_hd95_mm_before",
-    "mean_hd95_mm", "sdlogj", "folding_percent", "jacobian_min", "seconds", "seconds_network", "device",
+    "pair", "fixed", "moving", "mean_dice_before", "mean_dice_initial_alignment", "mean_dice", "mean_dice_before_in_both",
+    "mean_dice_in_both", "mean_hd95_mm_before", "mean_hd95_mm", "sdlogj", "folding_percent", "jacobian_min", "seconds", "seconds_network", "device",
 )
 #: Columns that hold text, not numbers, when a results CSV is read back.
 TEXT_COLUMNS = frozenset({"pair", "region", "fixed", "moving", "device", "method"})
@@ -463,6 +463,8 @@ def rows_from_result(name: str, result, seconds: float | None = None, fixed: str
         "mean_dice_before": _float(stats.get("mean_dice_before")),
         "mean_dice_initial_alignment": _float(stats.get("mean_dice_initial_alignment")),
         "mean_dice": _float(stats.get("mean_dice")),
+        "mean_dice_before_in_both": _float(stats.get("mean_dice_before_in_both")),
+        "mean_dice_in_both": _float(stats.get("mean_dice_in_both")),
         "mean_hd95_mm_before": _float(stats.get("mean_hd95_mm_before")),
         "mean_hd95_mm": _float(stats.get("mean_hd95_mm")),
         "sdlogj": _float(stats.get("sdlogj")), "folding_percent": _float(stats.get("folding_percent")),
@@ -550,14 +552,17 @@ def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]], digits
 
 
 METHOD_TABLE_COLUMNS = (
-    ("Dice (%)", "mean_dice", 100.0, 2), ("HD95 (mm)", "mean_hd95_mm", 1.0, 2), ("SDlogJ", "sdlogj", 1.0, 3),
+    ("Dice (%)", "mean_dice", 100.0, 2), ("Dice, regions in both (%)", "mean_dice_in_both", 100.0, 2),
+    ("HD95 (mm)", "mean_hd95_mm", 1.0, 2), ("SDlogJ", "sdlogj", 1.0, 3),
     ("|J| ≤ 0 (%)", "folding_percent", 1.0, 3), ("time (s)", "seconds", 1.0, 2),
 )
 
 
 def before_summary(pair_summary: Mapping[str, Mapping[str, float]]) -> dict:
     """The "before registration" entry of a per-pair summary (its ``*_before`` columns under the plain names)."""
-    return {"mean_dice": pair_summary.get("mean_dice_before"), "mean_hd95_mm": pair_summary.get("mean_hd95_mm_before")}
+    return {"mean_dice": pair_summary.get("mean_dice_before"),
+            "mean_dice_in_both": pair_summary.get("mean_dice_before_in_both"),
+            "mean_hd95_mm": pair_summary.get("mean_hd95_mm_before")}
 
 
 def methods_table(summaries: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
@@ -720,7 +725,9 @@ def summary_markdown(method_name: str, per_pair: Sequence[Mapping], per_region: 
         lines += [f"> **Note:** {note}", ""]
     if settings:
         lines += ["Settings: " + ", ".join(f"{k} = {v}" for k, v in settings.items() if v is not None), ""]
-    lines += ["## Over pairs", ""]
+    lines += ["## Over pairs", "",
+              "Dice averages every region present in either label map (a region in only one map scores 0); "
+              "\"regions in both\" averages only the regions present in both scans (the Learn2Reg convention).", ""]
     lines.append(methods_table({BEFORE_NAME: before_summary(pair_summary), method_name: pair_summary}))
     if region_summary:
         lines += ["## Per region", "", regions_table(region_summary)]

@@ -326,6 +326,12 @@ def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts:
     return ({by_name[v]: float(d) for v, d in dice.items()}, {by_name[v]: float(h) for v, h in hd.items()})
 
 
+def regions_in_both(fixed_labels: sitk.Image, moving_labels: sitk.Image, prompts: Prompts) -> list[str]:
+    """Names of the regions whose label value occurs in both label maps (each on its own grid)."""
+    present = set(np.unique(image_to_array(fixed_labels)).tolist()) & set(np.unique(image_to_array(moving_labels)).tolist())
+    return [name for value, name in zip(prompts.label_values, prompts.region_names) if value in present]
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -456,10 +462,15 @@ def register(
             before = resample_to_grid(moving_labels, fixed, None, "nearest", 0)
             dice_before, hd_before = region_metrics(fixed_labels, before, prompts)
             dice, hd = region_metrics(fixed_labels, warped_labels, prompts)
+            # Learn2Reg averages only the regions present in both scans; an organ missing from one cannot be aligned.
+            in_both = regions_in_both(fixed_labels, moving_labels, prompts)
             stats.update(
                 dice=dice, hd95_mm=hd, dice_before=dice_before, hd95_mm_before=hd_before,
                 mean_dice=metrics.mean_ignoring_nan(dice), mean_dice_before=metrics.mean_ignoring_nan(dice_before),
                 mean_hd95_mm=metrics.mean_ignoring_nan(hd), mean_hd95_mm_before=metrics.mean_ignoring_nan(hd_before),
+                regions_in_both=in_both,
+                mean_dice_in_both=metrics.mean_ignoring_nan({r: dice[r] for r in in_both}),
+                mean_dice_before_in_both=metrics.mean_ignoring_nan({r: dice_before[r] for r in in_both}),
             )
             if init is not None:
                 aligned = resample_to_grid(moving_labels, fixed, init, "nearest", 0)
