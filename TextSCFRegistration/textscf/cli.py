@@ -9,6 +9,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the pipeline imports torch; the CLI loads it only when a command needs it
+    from textscf.pipeline import RegistrationOptions
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
 
@@ -90,15 +94,32 @@ def build_parser() -> argparse.ArgumentParser:
     _add_register_options(reg)
     _add_output_options(reg)
 
+    from textscf.samples import SLICER_SAMPLES
+
     demo = sub.add_parser("demo", help="register the bundled example pair with the bundled model",
                           description="Generate the example abdominal phantom pair, register it with the bundled "
-                          "model and write all outputs and the QC figure.")
+                          "model and write all outputs and the QC figure (offline). With --sample, use one of "
+                          "3D Slicer's public sample CTs instead (downloaded once), deformed by a known field.")
     demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     demo.add_argument("--refine", type=int, default=12, metavar="N",
                       help="instance optimisation iterations on the pair (default 12, then 30 field steps; 0 = the network alone)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    online = demo.add_argument_group("public sample CT (needs the internet once)")
+    online.add_argument("--sample", choices=sorted(SLICER_SAMPLES),
+                        help="3D Slicer SampleData CT to register instead of the phantom: downloaded into the cache "
+                        "and checked by SHA-256, resampled to 2 mm; the fixed image is it deformed by a known smooth "
+                        "field, so the endpoint error is reported")
+    online.add_argument("--segmentor-weights", metavar="PATH",
+                        help="SwinUNETR weights (state dict or MONAI bundle folder) that find the organs of the "
+                        "sample, which has no label map (default: MONAI's swin_unetr_btcv_segmentation bundle, "
+                        "downloaded into the cache)")
+    online.add_argument("--segmentor-feature-size", type=int, choices=[12, 24, 48], default=None,
+                        help="feature size of those weights: 12/24/48 = tiny/small/base (default 48, as the BTCV bundle)")
+    online.add_argument("--cache-dir", metavar="DIR",
+                        help="cache root for the download: DIR/samples and DIR/models (default: $TEXTSCF_CACHE, "
+                        "else ~/.cache/textscf)")
 
     from textscf import training_cli
 
@@ -133,7 +154,7 @@ class _ProgressBar:
             self.bar.close()
 
 
-def _options_from_args(args) -> "RegistrationOptions":
+def _options_from_args(args) -> RegistrationOptions:
     from textscf.pipeline import RegistrationOptions
 
     return RegistrationOptions(
@@ -147,8 +168,11 @@ def _options_from_args(args) -> "RegistrationOptions":
 
 
 def run_registration(fixed, moving, output, options, fixed_labels=None, moving_labels=None, initial_transform=None,
-                     field_format="nii.gz", qc=True, overwrite=False, quiet=False, inputs=None) -> dict:
-    """Register already-read images and write every output into ``output`` (all or nothing)."""
+                     field_format="nii.gz", qc=True, overwrite=False, quiet=False, inputs=None, add_stats=None) -> dict:
+    """Register already-read images and write every output into ``output`` (all or nothing).
+
+    ``add_stats(result)`` may add entries to ``result.stats`` before the report is written.
+    """
     from textscf.io import OutputFolder
     from textscf.outputs import output_names, write_outputs
     from textscf.pipeline import register
@@ -158,6 +182,8 @@ def run_registration(fixed, moving, output, options, fixed_labels=None, moving_l
     try:
         with OutputFolder(output, overwrite=overwrite, names=names) as out:
             result = register(fixed, moving, options, fixed_labels, moving_labels, initial_transform, progress=bar)
+            if add_stats is not None:
+                add_stats(result)
             bar("write outputs", 1.0)
             modality = "mri" if (options.preset or "").startswith("brain") else "ct"
             write_outputs(out, result, fixed, moving, inputs or {}, field_format, qc, fixed_labels, modality)
@@ -191,10 +217,102 @@ def cmd_register(args) -> int:
     return EXIT_OK
 
 
+def _demo_cache_root(args) -> Path:
+    from textscf.text import default_cache_directory
+
+    return Path(args.cache_dir).expanduser() if args.cache_dir else default_cache_directory().parent
+
+
+def _demo_segmentor_weights(args, cache_root: Path) -> str:
+    """--segmentor-weights, else MONAI's BTCV SwinUNETR bundle from (or downloaded into) ``cache_root/models``."""
+    from textscf import segmentation
+    from textscf.errors import CheckpointError
+
+    if args.segmentor_weights:
+        return args.segmentor_weights
+    folder = cache_root / "models"
+    bundle = folder / segmentation.BTCV_BUNDLE_NAME
+    if (bundle / "models" / "model.pt").is_file():
+        return str(bundle)
+    print(f"textscf: downloading MONAI's {segmentation.BTCV_BUNDLE_NAME} bundle (SwinUNETR, 13 abdominal organs) "
+          f"into {folder}", flush=True)
+    try:
+        return str(segmentation.download_btcv_bundle(folder))
+    except CheckpointError as exc:
+        raise CheckpointError(
+            f"the {args.sample} sample has no organ label map, so textscf finds the fixed image's organs with a "
+            f"SwinUNETR segmentor, and its weights could not be downloaded ({exc.__cause__ or exc}). Fix: pass "
+            "--segmentor-weights PATH (a SwinUNETR state dict, or a MONAI bundle folder with models/model.pt: e.g. "
+            f"MONAI's {segmentation.BTCV_BUNDLE_NAME} bundle downloaded on another machine and placed at {bundle}), "
+            "or run `textscf demo` without --sample, which works offline."
+        ) from exc
+
+
+def _demo_sample(args) -> int:
+    """``textscf demo --sample NAME``: a public CT, deformed by a known field, registered; reports endpoint error."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from textscf.errors import InputError
+    from textscf.pipeline import RegistrationOptions
+    from textscf.samples import SLICER_SAMPLES, fetch_sample, make_sample_pair, mean_endpoint_error_mm
+    from textscf.spatial import body_threshold_for, image_to_array, physical_displacement_to_voxel
+
+    start = time.perf_counter()
+    sample = SLICER_SAMPLES[args.sample]
+    root = _demo_cache_root(args)
+    path = fetch_sample(args.sample, cache_dir=root / "samples", log=lambda line: print(f"textscf: {line}", flush=True))
+    weights = _demo_segmentor_weights(args, root)
+    try:
+        ct = sitk.ReadImage(str(path))  # its own pixel type: a float32 copy of a 0.7 mm CT would be large
+    except RuntimeError as exc:
+        raise InputError(f"cannot read the cached sample {path}: {exc}. Fix: delete it so that it is downloaded "
+                         "again.") from None
+    pair = make_sample_pair(ct, seed=0)
+    del ct
+    fixed, moving, u_true = pair["fixed"], pair["moving"], pair["displacement"]
+    options = RegistrationOptions(preset="abdomen-ct", init="center", device=args.device,
+                                  refine_iterations=args.refine, refine_field_iterations=30 if args.refine else 0,
+                                  segmentor_weights=weights, segmentor_feature_size=args.segmentor_feature_size or 48)
+    how = f"resampled to {pair['spacing_mm']:g} mm"
+    inputs = {"fixed": f"{args.sample} sample CT, {how}, warped by a known smooth random field (seed 0, at most "
+                       f"{pair['max_displacement_mm']:g} mm)",
+              "moving": f"{args.sample} sample CT, {how}", "sample": args.sample, "source": sample.description,
+              "source_url": sample.url, "licence": sample.licence, "sample_file": str(path),
+              "segmentor_weights": weights, "preset": "abdomen-ct", "init": "center", "refine": args.refine}
+
+    def add_endpoint_error(result):
+        body = image_to_array(fixed) > body_threshold_for(fixed)
+        body = body if body.any() else None
+        u = physical_displacement_to_voxel(result.displacement, fixed)
+        spacing = fixed.GetSpacing()
+        result.stats["mean_endpoint_error_mm_before"] = mean_endpoint_error_mm(np.zeros_like(u), u_true, spacing, body)
+        result.stats["mean_endpoint_error_mm"] = mean_endpoint_error_mm(u, u_true, spacing, body)
+        result.stats["endpoint_error_region"] = "body voxels of the fixed image" if body is not None else "all voxels"
+
+    stats = run_registration(fixed, moving, args.output, options, overwrite=args.overwrite, quiet=args.quiet,
+                             inputs=inputs, add_stats=add_endpoint_error)
+    _print_summary(stats, args.output)
+    print(f"textscf: mean endpoint error over {stats['endpoint_error_region']}: "
+          f"{stats['mean_endpoint_error_mm_before']:.2f} mm -> {stats['mean_endpoint_error_mm']:.2f} mm")
+    print(f"textscf: data: {sample.description}, {sample.licence}, from {sample.url}")
+    print(f"textscf: demo finished in {time.perf_counter() - start:.1f} s; look at {Path(args.output) / 'qc.png'}")
+    return EXIT_OK
+
+
 def cmd_demo(args) -> int:
+    from textscf.errors import InputError
     from textscf.phantom import make_example_pair
     from textscf.pipeline import RegistrationOptions
 
+    if args.sample is not None:
+        return _demo_sample(args)
+    stray = [flag for flag, value in (("--segmentor-weights", args.segmentor_weights),
+                                      ("--segmentor-feature-size", args.segmentor_feature_size),
+                                      ("--cache-dir", args.cache_dir)) if value is not None]
+    if stray:
+        raise InputError(f"{', '.join(stray)} only apply with --sample NAME (the phantom pair has label maps). "
+                         "Fix: add --sample CTLiver, or leave them out.")
     start = time.perf_counter()
     pair = make_example_pair(seed=0)
     options = RegistrationOptions(preset="abdomen-ct", init="center", device=args.device,
