@@ -300,9 +300,11 @@ if parameterNodeWrapper is not None:
         modelSha256: str = ""
         promptTemplate: str = ""
         integration: Integration = Integration.MODEL_DEFAULT
-        refineIterations: Annotated[int, WithinRange(0, 10000)] = 0
-        refineLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-4
+        # The bundled model is weakly trained: refine by default, as `textscf demo` does.
+        refineIterations: Annotated[int, WithinRange(0, 10000)] = 12
+        refineLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-3
         refineSmoothWeight: Annotated[float, WithinRange(0.0, 100.0)] = 0.1
+        refineFieldIterations: Annotated[int, WithinRange(0, 10000)] = 30
         seed: Annotated[int, WithinRange(0, 2147483647)] = 0
         preset: str = "abdomen-ct"
         regionsJson: str = ""
@@ -650,6 +652,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "device": p.device or "auto",
             "integrate": p.integration.option(),
             "refine_iterations": int(p.refineIterations),
+            "refine_field_iterations": int(p.refineFieldIterations),
             "refine_learning_rate": float(p.refineLearningRate),
             "refine_smooth_weight": float(p.refineSmoothWeight),
             "seed": int(p.seed),

@@ -52,6 +52,7 @@ REQUIRED_WIDGETS = {
     "refineIterationsSpinBox": "QSpinBox",
     "refineLearningRateSpinBox": "QDoubleSpinBox",
     "refineSmoothWeightSliderWidget": "ctkSliderWidget",
+    "refineFieldIterationsSpinBox": "QSpinBox",
     "showDisplacementMagnitudeCheckBox": "QCheckBox",
     "advancedCollapsibleButton": "ctkCollapsibleButton",
     "applyButton": "QPushButton",
@@ -173,6 +174,29 @@ def test_parameter_names_in_the_ui_are_parameter_node_fields(widgets):
     # every node selector is connected to the parameter node
     for name in NODE_TYPES:
         assert widget_property(widgets[name], "SlicerParameterName") is not None, name
+
+
+def parameter_node_numeric_defaults() -> dict[str, float]:
+    source = module_source()
+    block = source[source.index("class TextSCFRegistrationParameterNode"):]
+    block = block[:block.index("\n#\n")]
+    return {name: float(value) for name, value in
+            re.findall(r"^        (\w+): Annotated\[(?:int|float), [^\n]*\] = ([-+0-9.e]+)$", block, flags=re.M)}
+
+
+def test_numeric_widgets_start_at_the_parameter_node_defaults(widgets):
+    """A spin box whose .ui value differed from its parameter's default would flicker to the other on first use."""
+    defaults = parameter_node_numeric_defaults()
+    assert defaults["refineIterations"] == 12 and defaults["refineFieldIterations"] == 30
+    checked = 0
+    for element in widgets.values():
+        parameter = widget_property(element, "SlicerParameterName")
+        if parameter in defaults:
+            value = widget_property(element, "value")
+            shown = float(value) if value is not None else 0.0  # Qt's default value is 0
+            assert shown == pytest.approx(defaults[parameter]), f"{parameter}: .ui {shown} != default {defaults[parameter]}"
+            checked += 1
+    assert checked >= 5
 
 
 def test_custom_widgets_are_declared(ui_root, widgets):

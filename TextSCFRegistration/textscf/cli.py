@@ -53,7 +53,8 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
                    help="diffeomorphic integration (scaling and squaring, 7 steps)")
     g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
     g.add_argument("--refine", type=int, default=0, metavar="N",
-                   help="instance optimisation: N iterations on this pair (0 = off)")
+                   help="instance optimisation: N iterations on this pair (0 = off). The bundled model is weakly "
+                   "trained and barely moves on its own: use --refine 12 --refine-field 30, as textscf demo does")
     g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate (default 1e-3)")
     g.add_argument("--refine-field", type=int, default=0, metavar="N",
                    help="after --refine, N cheap steps on the half-resolution displacement itself")
