@@ -163,32 +163,30 @@ def abdomen(args) -> tuple[list[dict], str]:
                 refine_iterations=args.refine, refine_field_iterations=30, refine_similarity="mse",
                 refine_use_moving_labels=use_moving)
     rows = []
+
+    def add(pair, method, seconds, m):
+        rows.append({"section": "abdomen", "method": method, "pair": pair, "seconds": seconds, **m})
+        print(f"abdomen {pair} {method}: Dice {100 * m['mean_dice']:.1f} % ({seconds:.1f} s)", flush=True)
+
     for moving_name, fixed_name in pairs:
         fixed, fixed_lab = data[fixed_name]
         moving, moving_lab = data[moving_name]
+        pair = f"{moving_name}->{fixed_name}"
         for method, options in methods.items():
             if options is None:
                 res = peers.identity(fixed, moving, spacing, moving_lab)
-                m = pair_metrics(res.warped_labels, fixed_lab, labels, spacing, res.displacement_voxels,
-                                 moving_labels=moving_lab)
-                seconds = 0.0
+                add(pair, method, 0.0, pair_metrics(res.warped_labels, fixed_lab, labels, spacing,
+                                                    res.displacement_voxels, moving_labels=moving_lab))
             else:
                 warped, jac, seconds, _, _ = run_textscf(fixed, moving, fixed_lab, moving_lab, spacing, options)
-                m = pair_metrics(warped, fixed_lab, labels, spacing, jacobian=jac, moving_labels=moving_lab)
-            rows.append({"section": "abdomen", "method": method, "pair": f"{moving_name}->{fixed_name}",
-                         "seconds": seconds, **m})
-            print(f"abdomen {moving_name}->{fixed_name} {method}: Dice {100 * m['mean_dice']:.1f} % "
-                  f"({seconds:.1f} s)", flush=True)
+                add(pair, method, seconds, pair_metrics(warped, fixed_lab, labels, spacing, jacobian=jac,
+                                                        moving_labels=moving_lab))
         for method, fn in (("ANTs SyN", peers.register_ants_syn), ("Elastix B-spline", peers.register_elastix_bspline)):
             if method in args.skip_peers:
                 continue
             res = fn(fixed, moving, spacing, moving_labels=moving_lab, threads=args.threads)
-            m = pair_metrics(res.warped_labels.astype(np.int64), fixed_lab, labels, spacing, res.displacement_voxels,
-                             moving_labels=moving_lab)
-            rows.append({"section": "abdomen", "method": method, "pair": f"{moving_name}->{fixed_name}",
-                         "seconds": res.seconds, **m})
-            print(f"abdomen {moving_name}->{fixed_name} {method}: Dice {100 * m['mean_dice']:.1f} % "
-                  f"({res.seconds:.1f} s)", flush=True)
+            add(pair, method, res.seconds, pair_metrics(res.warped_labels.astype(np.int64), fixed_lab, labels, spacing,
+                                                        res.displacement_voxels, moving_labels=moving_lab))
     summaries = [summarise(rows, m) for m in dict.fromkeys(r["method"] for r in rows)]
     subset = (f" (moving = subject i, fixed = subject i + {' and i + '.join(map(str, args.pair_offsets))} in sorted "
               f"order: a balanced subset of the 42)") if args.pair_offsets else ""
@@ -264,7 +262,17 @@ def real_ct(args) -> tuple[list[dict], str]:
     for case, u_true in fields.items():
         # fixed(x) = ct(x + u_true(x)): registering ct (moving) to it should recover u_true.
         fixed_arr, fixed_lab = deform_pair(ct_arr, btcv, u_true)
-        epe_before = float(np.linalg.norm(u_true * np.array(spacing)[:, None, None, None], axis=0)[fixed_lab > 0].mean())
+        organ = fixed_lab > 0
+        epe_before = metrics.mean_endpoint_error_mm(np.zeros_like(u_true), u_true, spacing, organ)
+        dice_before = metrics.mean_ignoring_nan(metrics.dice_per_label(btcv, fixed_lab, labels))
+
+        def add(method, seconds, u, m):
+            epe = metrics.mean_endpoint_error_mm(u, u_true, spacing, organ)
+            rows.append({"section": "real-ct", "method": method, "pair": case, "seconds": seconds, "epe_mm": epe,
+                         "epe_mm_before": epe_before, "mean_dice_before": dice_before, **m})
+            print(f"real CT {case} {method}: EPE {epe_before:.2f} -> {epe:.2f} mm, Dice {100 * dice_before:.1f} -> "
+                  f"{100 * m['mean_dice']:.1f} % ({seconds:.1f} s)", flush=True)
+
         init = "affine" if case.startswith("affine") else "none"
         candidates = [("textSCF", RegistrationOptions(checkpoint=args.checkpoint, preset="abdomen-ct", init=init,
                                                        device=args.device))]
@@ -275,25 +283,13 @@ def real_ct(args) -> tuple[list[dict], str]:
         for method, options in candidates:
             warped, jac, seconds, _, u = run_textscf(fixed_arr, ct_arr, fixed_lab, btcv, spacing, options,
                                                      ct.GetDirection())
-            epe = float(np.linalg.norm((u - u_true) * np.array(spacing)[:, None, None, None], axis=0)[fixed_lab > 0].mean())
-            m = pair_metrics(warped, fixed_lab, labels, spacing, jacobian=jac)
-            before = metrics.mean_ignoring_nan(metrics.dice_per_label(btcv, fixed_lab, labels))
-            rows.append({"section": "real-ct", "method": method, "pair": case, "seconds": seconds, "epe_mm": epe,
-                         "epe_mm_before": epe_before, "mean_dice_before": before, **m})
-            print(f"real CT {case} {method}: EPE {epe_before:.2f} -> {epe:.2f} mm, Dice {100 * before:.1f} -> "
-                  f"{100 * m['mean_dice']:.1f} % ({seconds:.1f} s)", flush=True)
+            add(method, seconds, u, pair_metrics(warped, fixed_lab, labels, spacing, jacobian=jac))
         for method, fn in (("ANTs SyN", peers.register_ants_syn), ("Elastix B-spline", peers.register_elastix_bspline)):
             if method in args.skip_peers:
                 continue
             res = fn(fixed_arr, ct_arr, spacing, moving_labels=btcv, threads=args.threads)
-            epe = float(np.linalg.norm((res.displacement_voxels - u_true) * np.array(spacing)[:, None, None, None],
-                                       axis=0)[fixed_lab > 0].mean())
-            m = pair_metrics(res.warped_labels.astype(np.int64), fixed_lab, labels, spacing, res.displacement_voxels)
-            before = metrics.mean_ignoring_nan(metrics.dice_per_label(btcv, fixed_lab, labels))
-            rows.append({"section": "real-ct", "method": method, "pair": case, "seconds": res.seconds, "epe_mm": epe,
-                         "epe_mm_before": epe_before, "mean_dice_before": before, **m})
-            print(f"real CT {case} {method}: EPE {epe_before:.2f} -> {epe:.2f} mm, Dice {100 * m['mean_dice']:.1f} %"
-                  f" ({res.seconds:.1f} s)", flush=True)
+            add(method, res.seconds, res.displacement_voxels,
+                pair_metrics(res.warped_labels.astype(np.int64), fixed_lab, labels, spacing, res.displacement_voxels))
     lines = ["### Real CT with known deformations", "",
              f"The TotalSegmentator example CT ({'x'.join(map(str, shape))} at {spacing[0]:g} mm) and its organ labels "
              f"(mapped to the BTCV organs: {len(labels)} present), warped by a known field; endpoint error = mean |u - "

@@ -13,6 +13,7 @@ from textscf.metrics import (
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
+    mean_endpoint_error_mm,
     mean_ignoring_nan,
     sdlogj,
 )
@@ -261,3 +262,17 @@ def test_label_metric_input_errors():
         hd95_per_label(a, a, [1], spacing=(1.0, 1.0))
     with pytest.raises(InputError, match="labels"):
         dice_per_label(a, a, [])
+
+
+def test_mean_endpoint_error():
+    u = np.zeros((3, 4, 5, 6), np.float32)
+    v = u.copy()
+    v[0] = 1.5  # 1.5 voxels of 2 mm along i
+    assert mean_endpoint_error_mm(u, u, (2, 2, 2)) == 0.0
+    assert mean_endpoint_error_mm(v, u, (2.0, 1.0, 1.0)) == pytest.approx(3.0)
+    mask = np.zeros((4, 5, 6), bool)
+    mask[0, 0, 0] = True
+    v[0, 0, 0, 0] = 0.0
+    assert mean_endpoint_error_mm(v, u, (2.0, 1.0, 1.0), mask) == 0.0
+    with pytest.raises(InputError):
+        mean_endpoint_error_mm(v, u[:, :2], (1, 1, 1))

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from textscf import samples
 from textscf.cli import EXIT_INPUT, EXIT_OK, main
 from textscf.errors import CheckpointError, InputError
-from textscf.samples import SLICER_SAMPLES, fetch_sample, make_sample_pair, mean_endpoint_error_mm
+from textscf.samples import SLICER_SAMPLES, fetch_sample, make_sample_pair
 
 DIRECTION = (0.0, -1.0, 0.0, 0.8, 0.0, -0.6, 0.6, 0.0, 0.8)  # a rotation, not only axis flips
 
@@ -146,20 +146,6 @@ def test_make_sample_pair_geometry_and_known_field():
     assert m.min() >= -1000 and m.max() <= 600 and m.max() > 100  # linear resampling keeps the HU range
     assert np.abs(f - m).max() > 100  # the known field moved the organs
     assert not np.array_equal(make_sample_pair(ct, seed=2)["displacement"], make_sample_pair(ct, seed=1)["displacement"])
-
-
-def test_mean_endpoint_error():
-    u = np.zeros((3, 4, 5, 6), np.float32)
-    v = u.copy()
-    v[0] = 1.5  # 1.5 voxels of 2 mm along i
-    assert mean_endpoint_error_mm(u, u, (2, 2, 2)) == 0.0
-    assert mean_endpoint_error_mm(v, u, (2.0, 1.0, 1.0)) == pytest.approx(3.0)
-    mask = np.zeros((4, 5, 6), bool)
-    mask[0, 0, 0] = True
-    v[0, 0, 0, 0] = 0.0
-    assert mean_endpoint_error_mm(v, u, (2.0, 1.0, 1.0), mask) == 0.0
-    with pytest.raises(InputError):
-        mean_endpoint_error_mm(v, u[:, :2], (1, 1, 1))
 
 
 def _swin_weights(path) -> str:

@@ -256,7 +256,8 @@ def _demo_sample(args) -> int:
 
     from textscf.errors import InputError
     from textscf.pipeline import RegistrationOptions
-    from textscf.samples import SLICER_SAMPLES, fetch_sample, make_sample_pair, mean_endpoint_error_mm
+    from textscf.metrics import mean_endpoint_error_mm
+    from textscf.samples import SLICER_SAMPLES, fetch_sample, make_sample_pair
     from textscf.spatial import body_threshold_for, image_to_array, physical_displacement_to_voxel
 
     start = time.perf_counter()

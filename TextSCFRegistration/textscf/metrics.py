@@ -1,4 +1,4 @@
-"""Registration quality metrics: Jacobian determinant, SDlogJ, folding, Dice and HD95.
+"""Registration quality metrics: Jacobian determinant, SDlogJ, folding, Dice, HD95 and endpoint error.
 
 numpy in, numpy / Python floats out (torch tensors are accepted and moved to the CPU). Arrays follow the engine
 convention of ``docs/ARCHITECTURE.md``: volumes are ``(I, J, K)`` in ITK index order and a displacement is
@@ -316,3 +316,21 @@ def mean_ignoring_nan(values: Mapping[Any, float]) -> float:
     arr = np.asarray([float(v) for v in values.values()], dtype=np.float64)
     arr = arr[~np.isnan(arr)]
     return float(arr.mean()) if arr.size else math.nan
+
+
+def mean_endpoint_error_mm(estimated: np.ndarray, true: np.ndarray, spacing, mask: np.ndarray | None = None) -> float:
+    """Mean ``|diag(spacing) (estimated - true)|`` in mm over ``mask`` (all voxels if None).
+
+    ``estimated`` and ``true`` are ``(3, I, J, K)`` voxel displacements on one grid of ``spacing`` (mm, I J K);
+    ``mask`` is ``(I, J, K)`` bool. The direction matrix is a rotation, so it does not change lengths.
+    """
+    estimated, true = np.asarray(estimated, np.float64), np.asarray(true, np.float64)
+    if estimated.shape != true.shape or estimated.ndim != 4 or estimated.shape[0] != 3:
+        raise InputError(f"displacements must both be (3, I, J, K), got {estimated.shape} and {true.shape}.")
+    length = np.linalg.norm((estimated - true) * np.asarray(spacing, np.float64)[:, None, None, None], axis=0)
+    if mask is not None:
+        mask = np.asarray(mask, bool)
+        if mask.shape != length.shape or not mask.any():
+            raise InputError(f"mask must be a non-empty (I, J, K) = {length.shape} boolean array.")
+        length = length[mask]
+    return float(length.mean())

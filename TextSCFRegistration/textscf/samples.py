@@ -27,7 +27,6 @@ __all__ = [
     "sample_path",
     "fetch_sample",
     "make_sample_pair",
-    "mean_endpoint_error_mm",
 ]
 
 _SLICER_TESTING_DATA = "https://github.com/Slicer/SlicerTestingData/releases/download/SHA256/"
@@ -208,21 +207,3 @@ def make_sample_pair(
     fixed, _ = deform_pair(moving, None, displacement)
     return {"fixed": fixed, "moving": moving, "displacement": displacement, "spacing_mm": float(spacing_mm),
             "max_displacement_mm": float(max_displacement_mm)}
-
-
-def mean_endpoint_error_mm(estimated: np.ndarray, true: np.ndarray, spacing, mask: np.ndarray | None = None) -> float:
-    """Mean ``|diag(spacing) (estimated - true)|`` in mm over ``mask`` (all voxels if None).
-
-    ``estimated`` and ``true`` are ``(3, I, J, K)`` voxel displacements on one grid of ``spacing`` (mm, I J K);
-    ``mask`` is ``(I, J, K)`` bool. The direction matrix is a rotation, so it does not change lengths.
-    """
-    estimated, true = np.asarray(estimated, np.float64), np.asarray(true, np.float64)
-    if estimated.shape != true.shape or estimated.ndim != 4 or estimated.shape[0] != 3:
-        raise InputError(f"displacements must both be (3, I, J, K), got {estimated.shape} and {true.shape}.")
-    length = np.linalg.norm((estimated - true) * np.asarray(spacing, np.float64)[:, None, None, None], axis=0)
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != length.shape or not mask.any():
-            raise InputError(f"mask must be a non-empty (I, J, K) = {length.shape} boolean array.")
-        length = length[mask]
-    return float(length.mean())
