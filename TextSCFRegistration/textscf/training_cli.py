@@ -7,30 +7,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import SimpleITK as sitk
-
-from textscf.datasets import (
-    BTCV_SPLIT,
-    IntensityWindow,
-    PairDataset,
-    Subject,
-    load_btcv_labels,
-    load_folder_pairs,
-    load_learn2reg_dataset,
-)
 from textscf.errors import InputError
-from textscf.networks.textscf_net import TextSCFConfig
-from textscf.phantom import PHANTOM_DIRECTION, make_abdomen_phantom
-from textscf.spatial import image_to_array, resample_to_grid
+
+if TYPE_CHECKING:  # the data and network modules import torch: `textscf --help` must not wait for it
+    from textscf.datasets import Subject
+    from textscf.networks.textscf_net import TextSCFConfig
 
 DEFAULT_SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 
 def prepare_subject(subject: Subject, config: TextSCFConfig) -> Subject:
     """``subject`` resampled onto the model grid of ``config`` (linear image, nearest labels)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from textscf.datasets import Subject
     from textscf.pipeline import model_grid
+    from textscf.spatial import image_to_array, resample_to_grid
 
     image, labels = subject.image_sitk(), subject.labels_sitk()
     body = sitk.Cast(labels > 0, sitk.sitkUInt8)
@@ -44,6 +39,9 @@ def prepare_subject(subject: Subject, config: TextSCFConfig) -> Subject:
 
 def phantom_subjects(count: int, seed: int = 0, variation: float = 0.6) -> list[Subject]:
     """``count`` phantom subjects with subject-like anatomical variation."""
+    from textscf.datasets import Subject
+    from textscf.phantom import make_abdomen_phantom
+
     out = []
     for i in range(count):
         ct, labels = make_abdomen_phantom(seed=seed * 1000 + i, variation=variation)
@@ -53,6 +51,8 @@ def phantom_subjects(count: int, seed: int = 0, variation: float = 0.6) -> list[
 
 def load_source(source: str, shared_data: Path, split: str, phantoms: int, seed: int) -> list[Subject]:
     """Subjects of one ``--data`` source (see ``textscf train --help``)."""
+    from textscf.datasets import BTCV_SPLIT, load_btcv_labels, load_folder_pairs, load_learn2reg_dataset
+
     if source == "btcv-synthetic":
         if not (shared_data / "abdomen" / "btcv_labels").is_dir():
             raise InputError(f"btcv-synthetic needs the BTCV label maps under {shared_data}/abdomen/btcv_labels; "
@@ -116,6 +116,8 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_train(args) -> int:
+    from textscf.datasets import IntensityWindow, PairDataset
+    from textscf.phantom import PHANTOM_DIRECTION
     from textscf.presets import load_preset
     from textscf.train import TrainSettings, build_model, describe, init_distributed_from_env, train
 
