@@ -54,7 +54,9 @@ def test_register_writes_outputs_that_itk_reads_as_intended(pair_files, tmp_path
     assert main(_args(pair_files, out, tiny_abdomen_checkpoint)) == EXIT_OK
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "report.json",
-                            "warped_labels.nii.gz", "initial_transform.tfm", "qc.png"])
+                            "warped_labels.nii.gz", "initial_transform.tfm", "qc.png", "textscf-manifest.json"])
+    manifest = json.loads((out / "textscf-manifest.json").read_text())
+    assert sorted(manifest["files"]) == names
     fixed = sitk.ReadImage(str(pair_files["fixed"]))
     moving = sitk.ReadImage(str(pair_files["moving"]))
     warped = sitk.ReadImage(str(out / "warped.nii.gz"))

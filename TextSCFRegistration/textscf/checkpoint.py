@@ -49,14 +49,22 @@ def save_checkpoint(net: TextSCFNet, path: str | os.PathLike, metadata: dict | N
 
 def read_checkpoint_file(path: str | os.PathLike, map_location="cpu") -> dict:
     """``torch.load(weights_only=True)`` with clear errors for missing, truncated or foreign files."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} does not exist; give the path of a .pt file written by textscf train")
+    from textscf.io import check_input_path
+
+    path = check_input_path(path, "checkpoint", what="file (a .pt written by textscf train)",
+                            error=CheckpointError)
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes); the download or copy did not finish")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError, ValueError, OSError) as exc:
+        if "weights only" in str(exc).lower() or "weights_only" in str(exc):
+            # torch's message advises weights_only=False, which would run any code the file carries: never quote it
+            raise CheckpointError(
+                f"checkpoint {path} cannot be read safely: it is corrupted, truncated, or it holds Python objects "
+                "other than tensors and plain values (possibly code), which textscf never loads. Fix: give a "
+                "checkpoint written by textscf train (or the bundled model), or copy/download the file again"
+            ) from None
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
             "it is corrupted, truncated, or not a PyTorch file: copy or download it again"

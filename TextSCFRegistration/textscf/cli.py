@@ -1,20 +1,76 @@
 """The ``textscf`` command line: register, demo, train, evaluate.
 
 Exit codes: 0 success, 1 unexpected error (a bug: please report it with the traceback), 2 bad input or
-options (the message says what to fix), 3 cancelled / interrupted.
+options (the message says what to fix), 3 cancelled / interrupted (Ctrl-C, or SIGTERM as a scheduler sends it; the
+unfinished outputs are removed in both cases).
+
+Only what a command needs is imported: ``textscf --help`` never imports torch.
 """
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:  # the pipeline imports torch; the CLI loads it only when a command needs it
     from textscf.pipeline import RegistrationOptions
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_CANCELLED = 0, 1, 2, 3
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def _range_text(low, high) -> str:
+    return f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+
+
+def int_option(low: int, high: int | None = None, what: str = "a whole number") -> Callable[[str], int]:
+    """An argparse ``type``: an integer in ``[low, high]`` (``high`` None = no upper bound)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {_range_text(low, high)}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range. Fix: give {what} {_range_text(low, high)}")
+        return value
+    parse.__name__ = "integer"  # argparse names the type in "invalid integer value"
+    return parse
+
+
+def float_option(low: float, high: float, low_inclusive: bool = True, what: str = "a number") -> Callable[[str], float]:
+    """An argparse ``type``: a finite float in ``[low, high]`` (``(low, high]`` when not ``low_inclusive``)."""
+    bounds = f"{'>=' if low_inclusive else '>'} {low:g} and <= {high:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} {bounds}, got {text!r}") from None
+        if not math.isfinite(value) or value < low or (value == low and not low_inclusive) or value > high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range. Fix: give {what} {bounds}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def output_folder_option(text: str) -> str:
+    """An argparse ``type`` for ``-o``: a non-empty folder path (an empty one would write into the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the output folder is empty. Fix: give a folder name, e.g. -o out")
+    return text
+
+
+refine_iterations_option = int_option(0, what="a number of iterations (0 = off)")
+refine_lr_option = float_option(0.0, 1.0, low_inclusive=False, what="a learning rate")
+seed_option = int_option(0, SEED_MAX, what="a seed")
 
 
 def _comma_list(text: str) -> list[str]:
@@ -52,18 +108,20 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--integrate", dest="integrate", action="store_true", default=None,
                    help="diffeomorphic integration (scaling and squaring, 7 steps)")
     g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
-    g.add_argument("--refine", type=int, default=0, metavar="N",
+    g.add_argument("--refine", type=refine_iterations_option, default=0, metavar="N",
                    help="instance optimisation: N iterations on this pair (0 = off). The bundled model is weakly "
                    "trained and barely moves on its own: use --refine 12 --refine-field 30, as textscf demo does")
-    g.add_argument("--refine-lr", type=float, default=1e-3, help="refinement learning rate (default 1e-3)")
-    g.add_argument("--refine-field", type=int, default=0, metavar="N",
+    g.add_argument("--refine-lr", type=refine_lr_option, default=1e-3,
+                   help="refinement learning rate, in (0, 1] (default 1e-3)")
+    g.add_argument("--refine-field", type=refine_iterations_option, default=0, metavar="N",
                    help="after --refine, N cheap steps on the half-resolution displacement itself")
-    g.add_argument("--refine-smooth", type=float, default=0.1, help="refinement smoothness weight λ (default 0.1)")
+    g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=0.1, help="refinement smoothness weight λ (default 0.1)")
     g.add_argument("--similarity", choices=["auto", "mse", "ncc"], default="auto",
                    help="refinement image term: auto = MSE for CT, local NCC for MRI")
     g.add_argument("--segmentor-weights", help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
                    "no --fixed-labels is given")
-    g.add_argument("--seed", type=int, default=0, help="random seed (refinement is deterministic on the CPU)")
+    g.add_argument("--seed", type=seed_option, default=0,
+                   help=f"random seed, 0 to {SEED_MAX} (refinement is deterministic on the CPU)")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -71,7 +129,9 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--field-format", choices=["nii.gz", "h5", "nrrd", "mha"], default="nii.gz",
                    help="displacement field file format (all are ITK displacement fields in LPS mm)")
     g.add_argument("--no-qc", action="store_true", help="do not render the QC figure")
-    g.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the previous run in the output folder: its files are replaced, and those this run "
+                   "does not write again are removed, once the new run has succeeded (inputs are never touched)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -79,16 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="textscf",
         description="Deformable CT/MRI registration with spatially covariant filters driven by text prompts (textSCF).",
-        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input or options, 3 cancelled.",
+        epilog="Exit codes: 0 ok, 1 unexpected error, 2 bad input or options, 3 cancelled (Ctrl-C or SIGTERM; "
+        "unfinished outputs are removed).",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    from textscf.io import MANIFEST_NAME
 
     reg = sub.add_parser("register", help="register a moving image to a fixed image",
                          description="Register MOVING to FIXED and write the displacement field (ITK, LPS mm), "
                          "the warped image, the Jacobian determinant, a JSON report and a QC figure to OUTDIR.")
     reg.add_argument("fixed", help="fixed image (NIfTI, NRRD, MHA/MHD)")
     reg.add_argument("moving", help="moving image")
-    reg.add_argument("-o", "--output", required=True, help="output folder")
+    reg.add_argument("-o", "--output", required=True, type=output_folder_option,
+                     help=f"output folder; it gets a {MANIFEST_NAME} listing the run's files, and --overwrite replaces "
+                     "that run as a whole")
     reg.add_argument("--fixed-labels", help="label map of the fixed image (stands in for the segmentor)")
     reg.add_argument("--moving-labels", help="label map of the moving image (for Dice/HD95 and warped labels)")
     _add_model_options(reg)
@@ -101,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Generate the example abdominal phantom pair, register it with the bundled "
                           "model and write all outputs and the QC figure (offline). With --sample, use one of "
                           "3D Slicer's public sample CTs instead (downloaded once), deformed by a known field.")
-    demo.add_argument("-o", "--output", default="demo-output", help="output folder (default: demo-output)")
+    demo.add_argument("-o", "--output", default="demo-output", type=output_folder_option,
+                      help="output folder (default: demo-output)")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    demo.add_argument("--refine", type=int, default=12, metavar="N",
+    demo.add_argument("--refine", type=refine_iterations_option, default=12, metavar="N",
                       help="instance optimisation iterations on the pair (default 12, then 30 field steps; 0 = the network alone)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -169,19 +234,23 @@ def _options_from_args(args) -> RegistrationOptions:
 
 
 def run_registration(fixed, moving, output, options, fixed_labels=None, moving_labels=None, initial_transform=None,
-                     field_format="nii.gz", qc=True, overwrite=False, quiet=False, inputs=None, add_stats=None) -> dict:
+                     field_format="nii.gz", qc=True, overwrite=False, quiet=False, inputs=None, add_stats=None,
+                     input_files=None) -> dict:
     """Register already-read images and write every output into ``output`` (all or nothing).
 
-    ``add_stats(result)`` may add entries to ``result.stats`` before the report is written.
+    ``add_stats(result)`` may add entries to ``result.stats`` before the report is written. ``input_files``
+    (``{role: path}``) are the files read: no output may replace or remove one of them. The folder's manifest
+    lists the run's files; with ``overwrite`` the previous run's other files are removed after success.
     """
-    from textscf.io import OutputFolder
-    from textscf.outputs import output_names, write_outputs
+    from textscf.io import MANIFEST_NAME, OutputFolder
+    from textscf.outputs import all_output_names, output_names, write_outputs
     from textscf.pipeline import register
 
     names = output_names(field_format, moving_labels is not None, qc, initial_transform is not None or options.init != "none")
     bar = _ProgressBar(not quiet)
     try:
-        with OutputFolder(output, overwrite=overwrite, names=names) as out:
+        with OutputFolder(output, overwrite=overwrite, names=names, inputs=input_files, manifest=MANIFEST_NAME,
+                          known_names=all_output_names()) as out:
             result = register(fixed, moving, options, fixed_labels, moving_labels, initial_transform, progress=bar)
             if add_stats is not None:
                 add_stats(result)
@@ -201,19 +270,41 @@ def _print_summary(stats: dict, output) -> None:
     print(f"textscf: wrote {output}: " + ", ".join(parts))
 
 
+def _check_distinct(fixed_path: str, moving_path: str) -> None:
+    """InputError when the fixed and moving image are one file, or two files with the same bytes."""
+    import filecmp
+
+    from textscf.errors import InputError
+    from textscf.io import same_file
+
+    fixed_path, moving_path = Path(fixed_path), Path(moving_path)
+    same = same_file(fixed_path, moving_path)
+    if same or (fixed_path.is_file() and moving_path.is_file() and filecmp.cmp(fixed_path, moving_path, shallow=False)):
+        how = "the same file" if same else "two files with identical content"
+        raise InputError(f"the fixed image '{fixed_path}' and the moving image '{moving_path}' are {how}: "
+                         "registering an image to itself gives the identity and measures nothing. Fix: give two "
+                         "different scans (fixed = the reference, moving = the scan to deform).")
+
+
 def cmd_register(args) -> int:
     from textscf.io import read_image, read_label_map, read_transform
 
     fixed = read_image(args.fixed, "fixed image")
     moving = read_image(args.moving, "moving image")
+    _check_distinct(args.fixed, args.moving)
     fixed_labels = read_label_map(args.fixed_labels, fixed, "fixed label map") if args.fixed_labels else None
     moving_labels = read_label_map(args.moving_labels, moving, "moving label map") if args.moving_labels else None
     initial = read_transform(args.initial_transform) if args.initial_transform else None
     options = _options_from_args(args)
     inputs = {k: getattr(args, k) for k in ("fixed", "moving", "fixed_labels", "moving_labels", "initial_transform",
                                             "checkpoint", "preset", "template", "init", "device", "refine")}
+    input_files = {"fixed image": args.fixed, "moving image": args.moving, "fixed label map": args.fixed_labels,
+                   "moving label map": args.moving_labels, "initial transform": args.initial_transform,
+                   "segmentor weights": args.segmentor_weights,
+                   "checkpoint": None if (args.checkpoint or "").lower() == "fresh" else args.checkpoint}
     stats = run_registration(fixed, moving, args.output, options, fixed_labels, moving_labels, initial,
-                             args.field_format, not args.no_qc, args.overwrite, args.quiet, inputs)
+                             args.field_format, not args.no_qc, args.overwrite, args.quiet, inputs,
+                             input_files=input_files)
     _print_summary(stats, args.output)
     return EXIT_OK
 
@@ -328,25 +419,56 @@ def cmd_demo(args) -> int:
     return EXIT_OK
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that it unwinds (and cleans up) exactly as Ctrl-C does."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _interrupted_note(args) -> str:
+    if args.command == "train":
+        return "training stopped; the checkpoints saved so far are kept"
+    if args.command == "evaluate":
+        return f"the finished pairs are kept in {args.output}; run the same command with --resume to continue"
+    return "no output was written"
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"textscf: warning: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from textscf.errors import CancelledError, TextSCFError
 
     handlers = {"register": cmd_register, "demo": cmd_demo}
+    previous_sigterm = None
+    if threading.current_thread() is threading.main_thread():
+        previous_sigterm = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        if args.command in handlers:
-            return handlers[args.command](args)
-        return args.handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            if args.command in handlers:
+                return handlers[args.command](args)
+            return args.handler(args)
     except CancelledError as exc:
         print(f"textscf: {exc}", file=sys.stderr)
         return EXIT_CANCELLED
     except TextSCFError as exc:
         print(f"textscf: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
-    except KeyboardInterrupt:
-        print("textscf: interrupted; no output was written", file=sys.stderr)
+    except Terminated:
+        print(f"textscf: terminated (SIGTERM); {_interrupted_note(args)}", file=sys.stderr)
         return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print(f"textscf: interrupted; {_interrupted_note(args)}", file=sys.stderr)
+        return EXIT_CANCELLED
+    finally:
+        if previous_sigterm is not None:
+            signal.signal(signal.SIGTERM, previous_sigterm)
 
 
 if __name__ == "__main__":

@@ -38,11 +38,14 @@ vtkMRMLTransformStorageNode (slicer-core) and checks the mapped points against I
 """
 from __future__ import annotations
 
+import json
 import os
+import stat
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import numpy as np
 import SimpleITK as sitk
@@ -59,8 +62,13 @@ __all__ = [
     "write_displacement_transform",
     "write_transform",
     "check_same_grid",
+    "check_geometry",
     "grid_mismatch",
+    "special_file_kind",
+    "check_input_path",
+    "same_file",
     "OutputFolder",
+    "MANIFEST_NAME",
 ]
 
 #: Single-file image formats we write (a two-file .mhd/.raw or .nhdr could not be moved into place atomically).
@@ -70,6 +78,14 @@ TRANSFORM_WRITE_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 _READ_FORMATS_HINT = "NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder"
 NIFTI_INTENT_DISPVECT = 1006
 NIFTI_INTENT_VECTOR = 1007
+#: Voxel spacings outside this range (mm) are refused as non-physical (a header in metres or micrometres, or 0).
+SPACING_RANGE_MM = (1e-3, 100.0)
+#: Largest |DᵀD - I| entry of a direction matrix still taken as a rotation (NIfTI stores it in float32).
+_ORTHONORMAL_TOL = 1e-3
+#: An image with fewer informative voxels than this fraction is refused as (nearly) empty.
+MIN_INFORMATIVE_FRACTION = 1e-3
+#: The file listing what one run wrote into its output folder (see :class:`OutputFolder`).
+MANIFEST_NAME = "textscf-manifest.json"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -85,15 +101,63 @@ def _first_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def _check_exists(path: Path, role: str, what: str = "file") -> None:
-    if not path.exists():
-        raise InputError(f"{role}: {what} not found: '{path}'. Fix: check the path (relative paths are relative "
-                         f"to the current folder '{Path.cwd()}').")
+def special_file_kind(path: str | os.PathLike) -> str | None:
+    """What ``path`` is when it is not a regular file ("a folder", "a named pipe (FIFO)", ...); None for a file.
+
+    Looked up with ``stat`` only: nothing is opened (opening a FIFO blocks until someone writes to it).
+    Raises FileNotFoundError for a missing path.
+    """
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "not a regular file"
+
+
+def check_input_path(path: str | os.PathLike, role: str, what: str = "file", folder_ok: bool = False,
+                     error: type[Exception] = InputError) -> Path:
+    """``path`` as a Path when it names an existing regular file (or folder, with ``folder_ok``), else ``error``.
+
+    Special files (FIFOs, sockets, devices) are refused before anything opens them.
+    """
+    path = Path(path)
+    if not str(path).strip():
+        raise error(f"{role}: the path is empty. Fix: give the path of the {what}.")
+    try:
+        kind = special_file_kind(path)
+    except FileNotFoundError:
+        raise error(f"{role}: {what} not found: '{path}' does not exist. Fix: check the path (relative paths are relative "
+                    f"to the current folder '{Path.cwd()}').") from None
+    except OSError as exc:
+        raise error(f"{role}: cannot access '{path}' ({exc.strerror or exc}). Fix: check the path and its "
+                    "permissions.") from None
+    if kind is None or (folder_ok and kind == "a folder"):
+        return path
+    raise error(f"{role}: '{path}' is {kind}, not a regular {what}; it was not opened (reading "
+                f"{'it' if kind == 'a folder' else 'a pipe or device'} would fail or wait forever). Fix: give the "
+                f"path of the {what} itself{' (save the data to a file first)' if kind != 'a folder' else ''}.")
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name the same file: resolved paths, symbolic links and hard links (st_dev, st_ino)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
 
 
 def _read_sitk_image(path: Path, role: str) -> sitk.Image:
     """Read any SimpleITK-readable file, or the single DICOM series of a folder."""
-    _check_exists(path, role)
+    check_input_path(path, role, folder_ok=True)
     if path.is_dir():
         ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
         if not ids:
@@ -112,7 +176,14 @@ def _read_sitk_image(path: Path, role: str) -> sitk.Image:
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as exc:
-        raise InputError(f"{role}: cannot read '{path}' as an image ({_first_line(exc)}). Fix: give an image "
+        reason = _first_line(exc)
+        if "No such file or directory" in reason:
+            # MetaImage's reader says this when the voxel data ends early (or a .mhd's data file is missing)
+            raise InputError(f"{role}: '{path}' is truncated or damaged: its header was read but not all of its "
+                             "voxel data" + (" (or the data file named by ElementDataFile is missing)"
+                                             if _suffix(path) == ".mhd" else "") +
+                             ". Fix: copy or export the file again.") from None
+        raise InputError(f"{role}: cannot read '{path}' as an image ({reason}). Fix: give an image "
                          f"file SimpleITK can read: {_READ_FORMATS_HINT}.") from None
 
 
@@ -133,6 +204,70 @@ def _check_3d_scalar(img: sitk.Image, path: Path, role: str) -> None:
     if min(size) < 2:
         raise InputError(f"{role}: '{path}' is a single slice (size {size_txt}); a 3-D volume is needed. "
                          "Fix: give the whole 3-D volume, not one slice.")
+    check_geometry(img, f"{role} '{path}'")
+
+
+def check_geometry(img: sitk.Image, what: str) -> None:
+    """InputError unless ``img`` has a physical grid: finite origin, spacing in :data:`SPACING_RANGE_MM`, and a
+    rotation (orthonormal) direction matrix."""
+    spacing = np.array(img.GetSpacing(), dtype=float)
+    origin = np.array(img.GetOrigin(), dtype=float)
+    lo, hi = SPACING_RANGE_MM
+    spacing_txt = ", ".join(f"{v:g}" for v in spacing)
+    if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
+        raise InputError(f"{what} has the voxel spacing ({spacing_txt}) mm: a spacing must be a positive number. "
+                         "Fix: correct the spacing in the header (e.g. SimpleITK's image.SetSpacing, or the NIfTI "
+                         "pixdim) and save the image again.")
+    if np.any(spacing < lo) or np.any(spacing > hi):
+        raise InputError(f"{what} has the voxel spacing ({spacing_txt}) mm, which is not physical for a CT or MRI "
+                         f"(textscf accepts {lo:g} to {hi:g} mm; a header in metres or micrometres looks like this). "
+                         "Fix: correct the spacing in the header (in millimetres) and save the image again.")
+    if not np.all(np.isfinite(origin)):
+        raise InputError(f"{what} has a non-finite origin {tuple(origin)}. Fix: correct the origin in the header.")
+    direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
+    gram = direction.T @ direction
+    if not np.all(np.isfinite(direction)) or np.abs(gram - np.eye(3)).max() > _ORTHONORMAL_TOL:
+        lengths = ", ".join(f"{v:.3g}" for v in np.sqrt(np.abs(np.diag(gram))))
+        raise InputError(f"{what} has a sheared or scaled direction matrix {tuple(direction.ravel().round(4))} "
+                         f"(column lengths {lengths}; a direction must be a rotation, orthonormal columns). Fix: "
+                         "resample the image onto a grid without shear (e.g. harden the transform in 3D Slicer and "
+                         "save the volume again), or correct the direction (TransformMatrix, sform) in the header.")
+
+
+def _nifti_stored_values(path: Path, role: str) -> np.ndarray | None:
+    """The voxel values a NIfTI file stores, read by nibabel (None for other formats).
+
+    ITK's NIfTI reader zero-fills a truncated file, turns NaN into 0 and a zero pixdim into 1 mm without a word;
+    this re-read catches all three: InputError for a truncated/damaged file or a zero spacing.
+    """
+    if not (path.is_file() and path.name.lower().endswith((".nii", ".nii.gz"))):
+        return None
+    import nibabel
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as f:
+            block = f.read(540)
+        for klass in (nibabel.Nifti1Header, nibabel.Nifti2Header):
+            if klass.may_contain_header(block):
+                header = klass(block[:klass.sizeof_hdr], check=False)  # unchecked: nibabel would "fix" a 0
+                ndim = int(min(max(int(header["dim"][0]), 0), 7))
+                pixdim = np.asarray(header["pixdim"][1:1 + min(ndim, 3)], dtype=float)
+                if np.any(pixdim == 0) or not np.all(np.isfinite(pixdim)):
+                    raise InputError(f"{role}: '{path}' stores the voxel spacing (pixdim) "
+                                     f"{tuple(float(v) for v in pixdim)} mm: 0 is not a spacing (ITK would silently "
+                                     "use 1 mm). Fix: set the real spacing in the header (e.g. nibabel: "
+                                     "img.header.set_zooms(...)) and save the image again.")
+                break
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return np.asanyarray(nibabel.load(str(path)).dataobj)
+    except InputError:
+        raise
+    except Exception as exc:  # EOFError, zlib.error, OSError "Expected N bytes", nibabel's header errors
+        raise InputError(f"{role}: '{path}' is truncated or damaged ({type(exc).__name__}: "
+                         f"{str(exc).strip().splitlines()[0][:160]}); ITK would fill the missing voxels with 0. "
+                         "Fix: copy or export the file again.") from None
 
 
 def _non_finite_count(arr: np.ndarray) -> int:
@@ -166,13 +301,10 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
                          f"converted to a grey value ({_first_line(exc)}). Fix: give a real-valued scalar volume.") \
             from None
     arr = sitk.GetArrayViewFromImage(img)
-    if path.is_file() and path.name.lower().endswith((".nii", ".nii.gz")):
-        # ITK's NIfTI reader turns NaN into 0 without a word; look at the stored values themselves.
-        import nibabel
-
-        arr_nifti = np.asanyarray(nibabel.load(str(path)).dataobj)
-        if arr_nifti.dtype.kind == "f" and _non_finite_count(arr_nifti):
-            arr = arr_nifti
+    arr_nifti = _nifti_stored_values(path, role)
+    if arr_nifti is not None and arr_nifti.dtype.kind == "f" and _non_finite_count(arr_nifti):
+        arr = arr_nifti  # ITK's NIfTI reader turns NaN into 0 without a word
+    del arr_nifti
     bad = _non_finite_count(arr)
     if bad:
         n_nan = int(np.count_nonzero(np.isnan(arr)))
@@ -184,6 +316,11 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
         raise InputError(f"{role}: '{path}' is constant (every voxel is {lo:g}), so there is nothing to register. "
                          "Fix: check that the right file was given and that it is not an empty mask or a blank "
                          "export.")
+    informative = min(int(np.count_nonzero(arr != lo)), int(np.count_nonzero(arr != hi)))
+    if informative < MIN_INFORMATIVE_FRACTION * arr.size:
+        raise InputError(f"{role}: '{path}' is nearly empty: only {informative} of {arr.size} voxels differ from "
+                         f"its background value ({lo:g} or {hi:g}), so there is nothing to register. Fix: check that "
+                         "the right file was given and that it is not a mask, a marker image or a blank export.")
     return img
 
 
@@ -258,6 +395,7 @@ def read_label_map(path: str | os.PathLike, reference: sitk.Image | None = None,
     _check_3d_scalar(img, path, role)
     if "complex" in img.GetPixelIDTypeAsString():
         raise InputError(f"{role}: '{path}' has complex voxels. Fix: give an integer label map.")
+    _nifti_stored_values(path, role)  # the truncation and zero-spacing checks images get
     arr = sitk.GetArrayViewFromImage(img)
     bad = _non_finite_count(arr)
     if bad:
@@ -299,8 +437,7 @@ def read_transform(path: str | os.PathLike, role: str = "initial transform") -> 
     Raises:
         InputError: missing or unreadable file, or a transform that is not 3-D.
     """
-    path = Path(path)
-    _check_exists(path, role)
+    path = check_input_path(path, role)
     try:
         transform = sitk.ReadTransform(str(path))
     except RuntimeError as exc:
@@ -495,19 +632,36 @@ class OutputFolder:
         overwrite: allow replacing existing files.
         names: file names that will be written, so that existing ones are refused on entering the block,
             before any work. Names written without being declared are checked when first used.
+        inputs: ``{role: path}`` of the files the run reads. An output name (or a file the previous run wrote)
+            that is one of them, by resolved path, symbolic or hard link, is refused on entering: an output never
+            replaces or removes an input.
+        manifest: when given (e.g. :data:`MANIFEST_NAME`), the run is tracked as a whole: on success this JSON
+            file lists the files the run wrote, and with ``overwrite`` the files the previous run listed there
+            and this run did not write again are removed, after the new files are in place. Without
+            ``overwrite`` an existing manifest (a previous run) is refused like any existing output.
+        known_names: for a folder written before manifests existed: the names such a run may have left; they
+            count as the previous run's files when there is no manifest.
 
     Raises:
-        OutputError: on entering, when the folder cannot be created or written, or when declared files exist
-            and ``overwrite`` is False (all of them are listed); while writing, for an undeclared name that exists.
+        OutputError: on entering, when the folder cannot be created or written, when an output is an input, or
+            when declared files exist and ``overwrite`` is False (all of them are listed); while writing, for an
+            undeclared name that exists.
     """
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False, names: Iterable[str] = ()):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, names: Iterable[str] = (),
+                 inputs: Mapping[str, str | os.PathLike | None] | None = None, manifest: str | None = None,
+                 known_names: Iterable[str] = ()):
         self.path = Path(path)
         self.overwrite = overwrite
         self.names = [str(n) for n in names]
+        self.inputs = {role: Path(p) for role, p in (inputs or {}).items() if p is not None and str(p).strip()}
+        self.manifest = manifest
+        self.known_names = [str(n) for n in known_names]
+        self._previous: list[str] = []
         self._temps: dict[str, Path] = {}
         self._entered = False
         self.written: list[Path] = []
+        self.removed: list[Path] = []
 
     # -- checks
     def _check_name(self, name: str) -> None:
@@ -518,9 +672,38 @@ class OutputFolder:
     def _existing(self, names: Iterable[str]) -> list[str]:
         return [n for n in names if (self.path / n).exists()]
 
+    def _previous_run(self) -> list[str]:
+        """The plain file names the previous run in this folder wrote (its manifest, else the known names)."""
+        listed = None
+        if self.manifest and (self.path / self.manifest).is_file():
+            try:
+                listed = json.loads((self.path / self.manifest).read_text(encoding="utf-8")).get("files")
+            except (OSError, ValueError, AttributeError):
+                listed = None
+        if not isinstance(listed, list):
+            listed = [n for n in self.known_names if (self.path / n).is_file()]
+        # a damaged or hand-edited manifest must not point outside the folder
+        return [n for n in listed if isinstance(n, str) and n and Path(n).name == n and n not in (".", "..")]
+
+    def _refuse_inputs(self, names: Iterable[str], previous: Iterable[str]) -> None:
+        for name, verb in [(n, "replace") for n in names] + [(n, "remove") for n in previous]:
+            target = self.path / name
+            for role, source in self.inputs.items():
+                if same_file(target, source):
+                    raise OutputError(
+                        f"the output '{target}' is the {role} '{source}' (the same file"
+                        f"{'' if target.resolve() == source.resolve() else ', through a link'}): this run would "
+                        f"{verb} one of its own inputs. Fix: choose another output folder (-o), or move the input "
+                        "out of it.")
+
     def __enter__(self) -> "OutputFolder":
         for n in self.names:
             self._check_name(n)
+        if self.manifest:
+            self._check_name(self.manifest)
+        if self.path.is_dir():
+            self._previous = self._previous_run() if self.overwrite else []
+            self._refuse_inputs(self.names + ([self.manifest] if self.manifest else []), self._previous)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -534,10 +717,12 @@ class OutputFolder:
             raise OutputError(f"the output folder '{self.path}' is not writable ({exc.strerror or exc}). "
                               "Fix: choose a folder you can write to, or fix its permissions.") from None
         if not self.overwrite:
-            existing = self._existing(self.names)
+            existing = self._existing(self.names + ([self.manifest] if self.manifest else []))
             if existing:
-                raise OutputError(f"the output folder '{self.path}' already holds {', '.join(existing)}. "
-                                  "Fix: pass --overwrite (overwrite=True) or choose another folder.")
+                raise OutputError(f"the output folder '{self.path}' already holds {', '.join(existing)}"
+                                  f"{' (a previous run)' if self.manifest in existing else ''}. "
+                                  "Fix: pass --overwrite (overwrite=True) to replace that run, or choose another "
+                                  "folder.")
         self._entered = True
         return self
 
@@ -550,6 +735,8 @@ class OutputFolder:
             if not self.overwrite and (self.path / name).exists():
                 raise OutputError(f"'{self.path / name}' already exists. Fix: pass --overwrite (overwrite=True) "
                                   "or choose another folder.")
+            if name not in self.names:
+                self._refuse_inputs([name], [])
             self._temps[name] = _temp_sibling(self.path / name)
         return self._temps[name]
 
@@ -610,6 +797,15 @@ class OutputFolder:
             return False
         # reserved through temp_path() but never written (e.g. a skipped figure): nothing to move
         pending = {n: t for n, t in self._temps.items() if t.exists()}
+        if self.manifest:
+            try:  # moved into place last: a folder with a manifest holds the whole run
+                self.write_text(self.manifest, json.dumps(
+                    {"format": "textscf-run-manifest", "format_version": 1,
+                     "files": sorted(pending) + [self.manifest]}, indent=2))
+            except BaseException:
+                self._discard()
+                raise
+            pending[self.manifest] = self._temps[self.manifest]
         try:
             for name, temp in pending.items():
                 os.replace(temp, self.path / name)
@@ -621,4 +817,16 @@ class OutputFolder:
                               "Fix: check the free disk space and permissions, then run again with --overwrite.") \
                 from None
         self._temps.clear()
+        stale = [self.path / n for n in self._previous if n not in pending]
+        failed = []
+        for path in stale:
+            try:
+                if path.is_file() or path.is_symlink():
+                    path.unlink()
+                    self.removed.append(path)
+            except OSError as exc:
+                failed.append(f"{path.name} ({exc.strerror or exc})")
+        if failed:
+            raise OutputError(f"the new results are in '{self.path}', but files of the previous run could not be "
+                              f"removed: {', '.join(failed)}. Fix: delete them by hand.")
         return False

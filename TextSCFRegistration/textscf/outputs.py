@@ -31,6 +31,12 @@ def output_names(field_format: str = "nii.gz", warped_labels: bool = False, qc: 
     return names
 
 
+def all_output_names() -> list[str]:
+    """Every name :func:`write_outputs` may write, whatever the options (a folder's files from an older run)."""
+    names = [f"displacement.{f}" for f in FIELD_FORMATS]
+    return names + [n for n in output_names("nii.gz", True, True, True) if n not in names]
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None

@@ -332,6 +332,53 @@ def regions_in_both(fixed_labels: sitk.Image, moving_labels: sitk.Image, prompts
     return [name for value, name in zip(prompts.label_values, prompts.region_names) if value in present]
 
 
+def check_input_images(fixed: sitk.Image, moving: sitk.Image) -> None:
+    """Physical grids for both images (InputError otherwise); a warning when they are one and the same image."""
+    from textscf.io import check_geometry
+
+    check_geometry(fixed, "the fixed image")
+    check_geometry(moving, "the moving image")
+    if (fixed.GetSize() == moving.GetSize() and fixed.GetSpacing() == moving.GetSpacing()
+            and fixed.GetOrigin() == moving.GetOrigin() and fixed.GetDirection() == moving.GetDirection()
+            and np.array_equal(sitk.GetArrayViewFromImage(fixed), sitk.GetArrayViewFromImage(moving))):
+        warnings.warn("the fixed and moving images are identical (same grid, same voxels): the registration can "
+                      "only return the identity; give two different scans to measure anything", stacklevel=3)
+
+
+#: Points per axis of the fixed grid sampled by :func:`check_overlap`.
+_OVERLAP_SAMPLES = 16
+
+
+def overlap_fraction(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform) -> float:
+    """Fraction of the fixed image's field of view that ``transform`` (fixed -> moving) maps inside the moving
+    image's (sampled on a regular grid of about 16³ points)."""
+    size_f = np.array(fixed.GetSize(), dtype=float)
+    axes = [np.linspace(0.0, n - 1.0, min(int(n), _OVERLAP_SAMPLES)) for n in size_f]
+    idx = np.stack(np.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3)
+    matrix_f = np.array(fixed.GetDirection()).reshape(3, 3) @ np.diag(fixed.GetSpacing())
+    points = np.array(fixed.GetOrigin()) + idx @ matrix_f.T
+    if transform is not None:
+        points = np.array([transform.TransformPoint(tuple(map(float, p))) for p in points])
+    matrix_m = np.array(moving.GetDirection()).reshape(3, 3) @ np.diag(moving.GetSpacing())
+    cidx = np.linalg.solve(matrix_m, (points - np.array(moving.GetOrigin())).T).T
+    inside = np.all((cidx >= -0.5) & (cidx <= np.array(moving.GetSize()) - 0.5), axis=1)
+    return float(inside.mean())
+
+
+def check_overlap(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transform, how: str) -> float:
+    """InputError when, after the initial alignment ``how``, no point of the fixed image maps into the moving one."""
+    fraction = overlap_fraction(fixed, moving, transform)
+    if fraction == 0.0:
+        centre_f = np.array(fixed.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in fixed.GetSize()]))
+        centre_m = np.array(moving.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in moving.GetSize()]))
+        raise InputError(
+            f"after the initial alignment ({how}) the moving image does not overlap the fixed image at all (their "
+            f"centres are {np.linalg.norm(centre_f - centre_m):.0f} mm apart in physical space), so the warped image "
+            "would be empty. Fix: align them first: use --init center or --init affine instead of none, give "
+            "--initial-transform, or correct the origin in the image headers.")
+    return fraction
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -357,6 +404,7 @@ def register(
         :class:`textscf.results.RegistrationResult`.
     """
     options = options or RegistrationOptions()
+    check_input_images(fixed, moving)
     steps = _Progress(progress, cancel)
     torch.manual_seed(options.seed)
     stats: dict = {}
@@ -400,6 +448,8 @@ def register(
         else:
             init = initial_alignment(fixed, moving, options.init, seed=options.seed)
             stats["initial_alignment"] = f"{options.init}: {describe_transform(init)}"
+        how = "--initial-transform" if initial_transform is not None else f"--init {options.init}"
+        stats["overlap_after_initial_alignment"] = round(check_overlap(fixed, moving, init, how), 4)
 
     with steps.stage("resample to model grid"):
         body = sitk.Cast(seg.labels > 0, sitk.sitkUInt8) if _has_foreground(seg.labels) else None
