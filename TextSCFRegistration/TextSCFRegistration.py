@@ -1020,21 +1020,30 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """Region names and label values a segmentation or labelmap node carries by itself.
 
         Segmentation: segment names, values 1..N in segment order. Labelmap: the values present, named from the
-        node's colour table when it has names there, otherwise "label <value>".
+        node's colour table when it has names there, otherwise "label <value>". Names other tools give a preset's
+        regions become that region's name (TotalSegmentator's "kidney_right" -> "right kidney").
         """
         if node.IsA("vtkMRMLSegmentationNode"):
             segmentation = node.GetSegmentation()
-            names = [segmentation.GetNthSegment(i).GetName() for i in range(segmentation.GetNumberOfSegments())]
+            names = [_canonicalName(segmentation.GetNthSegment(i).GetName())
+                     for i in range(segmentation.GetNumberOfSegments())]
             return names, list(range(1, len(names) + 1))
-        array = _arrayFromVolume(node)
-        values = [int(v) for v in np.unique(array) if v != 0]
+        values = [int(v) for v in np.unique(_arrayFromVolume(node)) if v != 0]
+        colorNames = self.colorNamesOfLabelmap(node, values)
+        return [_canonicalName(colorNames[v]) if v in colorNames else f"label {v}" for v in values], values
+
+    @staticmethod
+    def colorNamesOfLabelmap(node, values):
+        """{value: name} from the labelmap's colour table, for the given values that have a real name there."""
         colorNode = node.GetDisplayNode().GetColorNode() if node.GetDisplayNode() else None
-        names = []
+        names = {}
         for value in values:
-            name = colorNode.GetColorName(value) if colorNode is not None and value < colorNode.GetNumberOfColors() \
-                else ""
-            names.append(name if name and name.lower() not in ("(none)", "background") else f"label {value}")
-        return names, values
+            if colorNode is None or not 0 <= value < colorNode.GetNumberOfColors():
+                continue
+            name = colorNode.GetColorName(value) or ""
+            if name.strip() and name.strip().lower() not in ("(none)", "background", "invalid"):
+                names[value] = name
+        return names
 
     def labelImageFromNode(self, node, referenceVolumeNode, regionNames=None, labelValues=None):
         """A segmentation or labelmap node as a label map (SimpleITK, int32) on the reference volume's grid.
@@ -1088,7 +1097,37 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         image = sitk.Cast(image, sitk.sitkInt32)
         if regionNames is None:
             regionNames, labelValues = self.regionsOfNode(node)
+        else:
+            image = self._relabelByColorNames(node, image, regionNames, labelValues)
         return image, list(regionNames), list(labelValues)
+
+    def _relabelByColorNames(self, node, image, regionNames, labelValues):
+        """Map a labelmap's values onto the regions' label values by the names in its colour table.
+
+        A labelmap written by another tool (TotalSegmentator: 5 = liver) carries its own values; when its colour table
+        names at least two of the regions, each value named as a region gets that region's value and every other
+        value becomes background. Without such names the values are kept (the engine then checks that they fit).
+        """
+        import SimpleITK as sitk
+
+        array = sitk.GetArrayViewFromImage(image)
+        present = [int(v) for v in np.unique(array) if v != 0]
+        valueOfRegion = {_normalizedName(n): int(v) for n, v in zip(regionNames, labelValues)}
+        mapping = {value: valueOfRegion[_normalizedName(name)]
+                   for value, name in self.colorNamesOfLabelmap(node, present).items()
+                   if _normalizedName(name) in valueOfRegion}
+        if len(mapping) < 2 or all(source == target for source, target in mapping.items()):
+            return image
+        lookup = np.zeros(max(present) + 1, np.int32)
+        for source, target in mapping.items():
+            lookup[source] = target
+        dropped = sorted(set(present) - set(mapping))
+        if dropped:
+            logging.info("TextSCF: labelmap '%s' relabelled by its colour names; %d label value(s) without a region "
+                         "are background", node.GetName(), len(dropped))
+        relabelled = sitk.GetImageFromArray(lookup[np.clip(array, 0, None)])
+        relabelled.CopyInformation(image)
+        return relabelled
 
     @staticmethod
     def _segmentsToLabelArray(segmentationNode, segmentsAndValues, referenceVolumeNode):
@@ -1778,7 +1817,17 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
 
 def _normalizedName(name):
-    return " ".join(str(name).lower().replace("_", " ").replace("-", " ").split())
+    """A region name compared loosely, other tools' names resolved ("kidney_right" and "Right Kidney" are equal)."""
+    from textscf.presets import canonical_region_name, normalized_name
+
+    return normalized_name(canonical_region_name(name))
+
+
+def _canonicalName(name):
+    """The preset's name of a region named by another tool (TotalSegmentator's "kidney_right" -> "right kidney")."""
+    from textscf.presets import canonical_region_name
+
+    return canonical_region_name(name)
 
 
 def _nodeIds(scene):

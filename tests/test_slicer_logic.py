@@ -504,6 +504,70 @@ def test_segmentation_written_from_label_image_reads_back(logic, scene, fixed_no
     np.testing.assert_array_equal(sitk.GetArrayFromImage(back), array)
 
 
+def _totalsegmentator_labels():
+    """A small label array [k, j, i] with TotalSegmentator v2 values: liver 5, kidney_right 2, aorta 52, small bowel 18."""
+    i, j, k = FIXED_SHAPE_IJK
+    labels = np.zeros((k, j, i), np.int16)
+    labels[1:5, 2:7, 3:9] = 5
+    labels[6:9, 1:4, 1:5] = 2
+    labels[5:9, 8:11, 9:12] = 52
+    labels[0:2, 9:12, 0:4] = 18
+    return labels
+
+
+def test_totalsegmentator_segment_names_map_to_the_preset_regions(logic, scene, fixed_node):
+    from textscf.presets import load_preset
+
+    labels = _totalsegmentator_labels()
+    reference = logic.volumeNodeToSitk(fixed_node)
+    label_image = sitk.GetImageFromArray(labels)
+    label_image.CopyInformation(reference)
+    segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "TotalSegmentator")
+    logic.sitkToSegmentationNode(label_image, segmentation, ["liver", "kidney_right", "aorta", "small_bowel"],
+                                 [5, 2, 52, 18], fixed_node)
+    preset = load_preset("abdomen-ct")  # BTCV values: liver 6, right kidney 2, aorta 8
+    image, names, values = logic.labelImageFromNode(segmentation, fixed_node, preset.region_names,
+                                                    preset.label_values)
+    expected = np.zeros(labels.shape, np.int32)
+    expected[labels == 5] = 6
+    expected[labels == 2] = 2
+    expected[labels == 52] = 8  # small bowel has no region: left out
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert names == list(preset.region_names)
+    # The regions a TotalSegmentator segmentation carries, under the names the model knows
+    assert logic.regionsOfNode(segmentation) == (["liver", "right kidney", "aorta", "small_bowel"], [1, 2, 3, 4])
+
+
+def test_labelmap_with_totalsegmentator_colour_names_is_relabelled_by_name(logic, scene, fixed_node):
+    from textscf.presets import load_preset
+
+    labels = _totalsegmentator_labels()
+    node = add_volume(scene, labels, ijk_to_ras_of(fixed_node), "ts labels", "vtkMRMLLabelMapVolumeNode")
+    colors = scene.AddNewNodeByClass("vtkMRMLColorTableNode", "TotalSegmentator colours")
+    colors.SetTypeToUser()
+    colors.SetNumberOfColors(118)
+    total = load_preset("totalsegmentator")
+    colors.SetColor(0, "background", 0.0, 0.0, 0.0, 0.0)
+    for value, name in total.label_names.items():
+        colors.SetColor(value, name, 0.5, 0.5, 0.5, 1.0)
+    node.CreateDefaultDisplayNodes()
+    node.GetDisplayNode().SetAndObserveColorNodeID(colors.GetID())
+
+    preset = load_preset("abdomen-ct")
+    image, _, _ = logic.labelImageFromNode(node, fixed_node, preset.region_names, preset.label_values)
+    expected = np.zeros(labels.shape, np.int32)
+    expected[labels == 5] = 6
+    expected[labels == 2] = 2
+    expected[labels == 52] = 8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert logic.regionsOfNode(node) == (["right kidney", "liver", "small_bowel", "aorta"], [2, 5, 18, 52])
+
+    # With the TotalSegmentator preset the values already fit: kept as they are (18 is one of its background labels)
+    image, _, _ = logic.labelImageFromNode(node, fixed_node, total.region_names, total.label_values)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    assert 18 in total.background_labels
+
+
 def test_regions_of_segmentation_and_validation(mod, logic, scene):
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     for name in ("lung", "heart"):  # (slicer-core registers no converter rules: AddEmptySegment fails there)

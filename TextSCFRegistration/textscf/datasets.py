@@ -28,6 +28,7 @@ from textscf.phantom import (
     random_smooth_displacement,
     synthesize_ct_from_labels,
 )
+from textscf.presets import totalsegmentator_to_btcv
 
 BTCV_SPLIT: dict[str, list[str]] = {
     "train": [f"{i:04d}" for i in (*range(1, 11), *range(21, 31))],
@@ -583,14 +584,6 @@ class PairDataset(torch.utils.data.Dataset):
 # the real example CT
 
 
-# TotalSegmentator names of the 13 BTCV organs, mapped to their BTCV label values.
-TOTALSEGMENTATOR_TO_BTCV = {
-    "spleen": 1, "kidney_right": 2, "kidney_left": 3, "gallbladder": 4, "esophagus": 5, "liver": 6, "stomach": 7,
-    "aorta": 8, "inferior_vena_cava": 9, "portal_vein_and_splenic_vein": 10, "pancreas": 11,
-    "adrenal_gland_right": 12, "adrenal_gland_left": 13,
-}
-
-
 def _names_to_values(names) -> dict[str, int]:
     """{name: label value} from a label JSON given as {value: name}, {name: value} or a list of names."""
     if isinstance(names, dict):
@@ -608,7 +601,7 @@ def load_example_ct(shared_data) -> tuple[sitk.Image, np.ndarray]:
     labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "ct_example_labels.nii.gz"))).transpose(2, 1, 0)
     value_of = _names_to_values(json.loads((folder / "ct_example_labels.json").read_text()))
     btcv = np.zeros(labels.shape, np.int64)
-    for name, value in TOTALSEGMENTATOR_TO_BTCV.items():
+    for name, value in totalsegmentator_to_btcv().items():  # TotalSegmentator name -> BTCV value
         if name in value_of:
             btcv[labels == value_of[name]] = value
     return ct, btcv

@@ -138,7 +138,10 @@ class LabelMapSegmentor:
         label_map = _check_image(label_map, "the label map")
         array = self._integer_array(label_map)  # [k, j, i] int64
 
-        regions, present = _remap(array, values)
+        regions, present, counts = _remap(array, values)
+        voxel_ml = float(np.prod(label_map.GetSpacing())) / 1000.0
+        check_label_scheme(dict(zip(present.tolist(), (counts * voxel_ml).tolist())), values,
+                           self._region_names[1:])
         unknown = sorted(set(present.tolist()) - set(values) - {0})  # 0 is always background
         if unknown and unmapped == "error":
             shown = ", ".join(str(v) for v in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
@@ -231,33 +234,107 @@ class LabelMapSegmentor:
         return Segmentation(labels=labels, confidence=confidence, region_names=self.region_names, probabilities=None)
 
 
-def _remap(array: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+def _remap(array: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Map label values to region indices (``values[i]`` -> ``i + 1``, the rest -> 0), vectorised.
 
     Args:
         array: int64 label values, any shape.
         values: the label values of regions 1..len(values).
     Returns:
-        (regions: uint16 array of ``array``'s shape, present: sorted label values occurring in ``array``).
+        (regions: uint16 array of ``array``'s shape, present: sorted label values occurring in ``array``,
+        counts: the number of voxels of each present value).
     """
     if array.size == 0:
-        return np.zeros(array.shape, np.uint16), np.zeros(0, np.int64)
+        return np.zeros(array.shape, np.uint16), np.zeros(0, np.int64), np.zeros(0, np.int64)
     low, high = int(array.min()), int(array.max())
     if high - low < _MAX_LUT_SPAN:
         shifted = array - low
-        present = np.flatnonzero(np.bincount(shifted.ravel(), minlength=high - low + 1)) + low
+        histogram = np.bincount(shifted.ravel(), minlength=high - low + 1)
+        present = np.flatnonzero(histogram)
         lut = np.zeros(high - low + 1, np.uint16)
         for index, value in enumerate(values, start=1):
             if low <= value <= high:
                 lut[value - low] = index
-        return lut[shifted], present
-    present, inverse = np.unique(array, return_inverse=True)
+        return lut[shifted], present + low, histogram[present]
+    present, inverse, counts = np.unique(array, return_inverse=True, return_counts=True)
     lut = np.zeros(present.size, np.uint16)
     position = {int(v): n for n, v in enumerate(present)}
     for index, value in enumerate(values, start=1):
         if value in position:
             lut[position[value]] = index
-    return lut[inverse.reshape(array.shape)], present
+    return lut[inverse.reshape(array.shape)], present, counts
+
+
+# Unknown label values needed before another labelling scheme is taken as evidence that the map follows it.
+_MIN_UNKNOWN_FOR_SCHEME = 3
+
+
+def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[int],
+                       region_names: Sequence[str]) -> None:
+    """Refuse a label map whose values do not mean the regions they are read as; silent when they fit.
+
+    Two independent checks, both from the presets' data (:mod:`textscf.presets`):
+
+    - anatomy: a region covering more than the largest plausible volume of that organ (``max_volume_ml``: a
+      "esophagus" of 1.5 L is a liver) cannot be that region;
+    - labelling scheme: when at least three present values have no region and a bundled preset's label table
+      (e.g. TotalSegmentator's) explains every present value while giving the regions' values other meanings,
+      the map follows that scheme, not the one it is read with. A scheme that agrees with the given regions
+      (same meaning for every value, aliases resolved) accepts the map.
+
+    Args:
+        volumes_ml: {label value present in the map: its volume in mL} (0 is ignored).
+        label_values, region_names: the regions the map is read as (``label_values[i]`` is ``region_names[i]``).
+    Raises:
+        InputError naming the implausible regions or the scheme the values follow, and the fix.
+    """
+    from textscf import presets
+
+    present = {int(v): float(ml) for v, ml in volumes_ml.items() if int(v) != 0}
+    given = dict(zip((int(v) for v in label_values), region_names))
+    too_big = []
+    for value, name in given.items():
+        limit = presets.max_volume_ml(name)
+        if limit is not None and present.get(value, 0.0) > limit:
+            too_big.append(f"label {value} read as {name!r} covers {present[value]:.0f} mL, more than any "
+                           f"{name} ({limit:.0f} mL at most)")
+    unknown = sorted(set(present) - set(given))
+
+    def agrees(scheme) -> bool:
+        meanings = {v: n for v, n in zip(scheme.label_values, scheme.region_names)}
+        meanings.update({v: n for v, n in scheme.label_names.items() if v not in meanings})
+        return all(value in meanings and presets.same_region(name, meanings[value]) for value, name in given.items())
+
+    def plausible(scheme) -> bool:
+        for value, ml in present.items():
+            if value in scheme.label_values:
+                limit = presets.max_volume_ml(scheme.region_names[scheme.label_values.index(value)])
+                if limit is not None and ml > limit:
+                    return False
+        return True
+
+    explaining = presets.schemes_explaining(present)
+    wrong_scheme = (len(unknown) >= _MIN_UNKNOWN_FOR_SCHEME and bool(explaining)
+                    and not any(agrees(scheme) for scheme in explaining))
+    if not too_big and not wrong_scheme:
+        return
+    candidates = [scheme for scheme in explaining if plausible(scheme) and not agrees(scheme)]
+    problems = list(too_big)
+    if wrong_scheme:
+        shown = ", ".join(candidates[0].describe_label(v) if candidates else str(v) for v in unknown[:8])
+        problems.append(f"{len(unknown)} label values have no region ({shown}"
+                        + (" ..." if len(unknown) > 8 else "") + ")")
+    if candidates:
+        best = candidates[0]
+        examples = ", ".join(best.describe_label(v) for v in sorted(given) if v in present)
+        fix = (f"its values fit the {best.name!r} preset ({best.title}), where they mean {examples}. "
+               f"Fix: register with that preset (--preset {best.name}; in 3D Slicer choose it in the Regions "
+               "section), which maps the regions by name.")
+    else:
+        fix = ("Fix: give the label value each region has in this map (--prompts with --label-values, or the "
+               "region table in 3D Slicer), or a preset made for the tool that wrote the map.")
+    raise InputError("the label map's values do not mean the regions they would be read as: "
+                     + "; ".join(problems) + ". The map was probably made with another labelling scheme: " + fix)
 
 
 # --------------------------------------------------------------------------------------------------------------
