@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from scipy.ndimage import zoom
 from textscf import evaluate
 from textscf.errors import InputError, OutputError, TextSCFError
 from textscf.evaluate import PairCase, evaluate_pairs, learn2reg_displacement, summarise
+from textscf.io import MANIFEST_NAME
 from textscf.pipeline import RegistrationOptions
 
 SIZE = (24, 20, 16)  # (I, J, K), all even (the Learn2Reg layout halves them)
@@ -143,7 +145,9 @@ def test_a_region_missing_from_one_scan_counts_as_0_or_is_dropped(boxes, tiny_ch
 
 def test_reports_are_written_and_parseable(evaluated):
     out, result = evaluated
-    assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.OUTPUT_NAMES, "learn2reg"])
+    assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.OUTPUT_NAMES, "learn2reg", MANIFEST_NAME])
+    assert sorted(json.loads((out / MANIFEST_NAME).read_text())["files"]) == sorted([*evaluate.OUTPUT_NAMES,
+                                                                                    MANIFEST_NAME])
     region_rows = _read_csv(out / "per_region.csv")
     assert list(region_rows[0]) == list(evaluate.PER_REGION_COLUMNS)
     assert len(region_rows) == 4
@@ -167,7 +171,7 @@ def test_reports_are_written_and_parseable(evaluated):
 def test_learn2reg_files_have_the_documented_layout(evaluated):
     out, _ = evaluated
     files = sorted(p.name for p in (out / "learn2reg").iterdir())
-    assert files == ["disp_0001_0001.npz", "disp_0001_0002.npz"]  # fixed id first, zero-padded
+    assert files == ["disp_0001_0001.npz", "disp_0001_0002.npz", MANIFEST_NAME]  # fixed id first, zero-padded
     with np.load(out / "learn2reg" / "disp_0001_0002.npz") as data:
         assert list(data.keys()) == ["arr_0"]
         disp = data["arr_0"]
@@ -246,13 +250,79 @@ def test_existing_outputs_are_refused_before_any_work(evaluated, boxes):
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
 
 
-def test_a_failing_pair_leaves_nothing_behind(boxes, tiny_checkpoint, tmp_path):
-    bad = PairCase("bad", boxes["fixed"], boxes["moving"], boxes["fixed_labels"],
-                   _image(np.full(SIZE, 7, np.int16)))  # label 7 has no prompt
+def _bad_case(name="bad"):
+    return PairCase(name, _image(_ct(_labels(FIXED_BOXES), 0)), _image(_ct(_labels(MOVING_BOXES), 1)),
+                    _image(_labels(FIXED_BOXES)), _image(np.full(SIZE, 7, np.int16)),  # label 7 has no prompt
+                    fixed_id="1", moving_id="3")
+
+
+def _counting_register(monkeypatch):
+    """Record the pairs that reach register() (by their moving image's identity)."""
+    import textscf.pipeline
+
+    calls = []
+    real = textscf.pipeline.register
+
+    def counting(fixed, moving, *args, **kwargs):
+        calls.append(moving)
+        return real(fixed, moving, *args, **kwargs)
+
+    monkeypatch.setattr(textscf.pipeline, "register", counting)
+    return calls
+
+
+def test_a_failing_pair_is_named_the_others_are_kept_and_resume_runs_only_the_rest(boxes, tiny_checkpoint, tmp_path,
+                                                                                    monkeypatch):
+    box, self_pair = _box_cases(boxes)
     out = tmp_path / "out"
-    with pytest.raises(TextSCFError):
-        evaluate_pairs([_box_cases(boxes)[0], bad], _options(tiny_checkpoint), out, progress=False)
-    assert not any(p.is_file() for p in out.rglob("*"))
+    with pytest.raises(InputError) as e:
+        evaluate_pairs([box, _bad_case(), self_pair], _options(tiny_checkpoint), out, learn2reg=True, progress=False)
+    msg = str(e.value)
+    assert "1 of 3 pair(s) failed" in msg and "pair 'bad'" in msg and "7" in msg
+    assert "2 finished pair(s) are kept" in msg and "--resume" in msg
+    # no report yet, but both finished pairs (and their Learn2Reg fields) are on disk
+    assert [p for p in out.rglob("*") if p.is_file() and "partial" not in p.parts] == []
+    lines = [json.loads(x) for x in (out / "partial" / "pairs.jsonl").read_text().splitlines()]
+    assert [x.get("pair") for x in lines[1:]] == ["box", "self"] and "settings" in lines[0]
+    assert (out / "partial" / "disp_0001_0002.npz").is_file()
+
+    # without --resume or --overwrite the unfinished evaluation is refused
+    with pytest.raises(OutputError, match="unfinished evaluation .*--resume.*--overwrite"):
+        evaluate_pairs([box, self_pair], _options(tiny_checkpoint), out, learn2reg=True, progress=False)
+    # other settings cannot be mixed in
+    other = RegistrationOptions(checkpoint=tiny_checkpoint, init="center", device="cpu")
+    with pytest.raises(InputError, match="other settings .*init"):
+        evaluate_pairs([box, self_pair], other, out, learn2reg=True, progress=False, resume=True)
+
+    # the failed pair, repaired, is the only one registered on resume
+    fixed_pair = PairCase("bad", boxes["fixed"], boxes["moving"], boxes["fixed_labels"], boxes["moving_labels"],
+                          fixed_id="1", moving_id="3")
+    calls = _counting_register(monkeypatch)
+    result = evaluate_pairs([box, fixed_pair, self_pair], _options(tiny_checkpoint), out, learn2reg=True,
+                            progress=False, resume=True)
+    assert calls == [boxes["moving"]]
+    assert [r["pair"] for r in result.per_pair] == ["box", "bad", "self"]
+    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["box", "bad", "self"]
+    assert not (out / "partial").exists()
+    assert sorted(p.name for p in (out / "learn2reg").iterdir()) == [
+        "disp_0001_0001.npz", "disp_0001_0002.npz", "disp_0001_0003.npz", MANIFEST_NAME]
+
+
+def test_overwrite_replaces_the_previous_evaluation_as_a_whole(boxes, tiny_checkpoint, tmp_path):
+    box, self_pair = _box_cases(boxes)
+    out = tmp_path / "out"
+    evaluate_pairs([box, self_pair], _options(tiny_checkpoint), out, learn2reg=True, progress=False)
+    before = (out / "per_pair.csv").read_text()
+    # a failing new run changes nothing
+    with pytest.raises(InputError, match="pair 'bad'"):
+        evaluate_pairs([_bad_case()], _options(tiny_checkpoint), out, learn2reg=True, overwrite=True, progress=False)
+    assert (out / "per_pair.csv").read_text() == before
+    assert (out / "learn2reg" / "disp_0001_0001.npz").is_file()
+    # --overwrite discards that unfinished run and replaces the old one; the old pair's field does not stay
+    evaluate_pairs([box], _options(tiny_checkpoint), out, learn2reg=True, overwrite=True, progress=False)
+    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["box"]
+    assert sorted(p.name for p in (out / "learn2reg").iterdir()) == ["disp_0001_0002.npz", MANIFEST_NAME]
+    assert not (out / "partial").exists()
 
 
 def test_synthetic_images_are_said_plainly(boxes, tiny_checkpoint, tmp_path):

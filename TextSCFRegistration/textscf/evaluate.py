@@ -14,7 +14,12 @@ see :mod:`textscf.metrics`) are collected into
 - ``dice_boxplot.png``: Dice per region, one box per region and method (before registration and the method,
   side by side, like Figure 3 of the textSCF paper).
 
-All files appear together when every pair has been registered, or none does (:class:`textscf.io.OutputFolder`).
+These files appear together when every pair has been registered (:class:`textscf.io.OutputFolder`, with a
+``textscf-manifest.json`` listing them; ``--overwrite`` replaces the previous evaluation as a whole once the new one
+has finished). Meanwhile each pair's results are kept as soon as the pair is done, in ``partial/pairs.jsonl`` (one
+JSON line per finished pair; the Learn2Reg fields beside it): a pair that fails is reported by name and the others
+still run, and an interrupted or failed evaluation continues with ``--resume`` (``resume=True``), which registers
+only the pairs not finished yet. ``partial/`` is removed when the evaluation completes.
 
 Learn2Reg submission layout (``learn2reg=True`` / ``--learn2reg``)
 --------------------------------------------------------------------
@@ -62,8 +67,16 @@ from typing import Any, Union
 import numpy as np
 import SimpleITK as sitk
 
-from textscf.errors import InputError
-from textscf.io import OutputFolder, check_same_grid, read_image, read_label_map
+from textscf.errors import InputError, OutputError, TextSCFError
+from textscf.io import (
+    MANIFEST_NAME,
+    OutputFolder,
+    check_input_path,
+    check_same_grid,
+    read_image,
+    read_label_map,
+    write_bytes_atomically,
+)
 
 ImageSource = Union[str, os.PathLike, sitk.Image, Callable[[], sitk.Image]]
 
@@ -76,6 +89,9 @@ PER_PAIR_COLUMNS = (
 TEXT_COLUMNS = frozenset({"pair", "region", "fixed", "moving", "device", "method"})
 OUTPUT_NAMES = ("per_region.csv", "per_pair.csv", "summary.md", "dice_boxplot.png")
 LEARN2REG_FOLDER = "learn2reg"
+#: Where finished pairs are kept until the whole evaluation is done (see the module notes).
+PARTIAL_FOLDER = "partial"
+PARTIAL_ROWS = "pairs.jsonl"
 BTCV_SYNTHETIC_TEST = "btcv-synthetic-test"
 SYNTHETIC_NOTE = (
     "The images are SYNTHETIC: CT-like intensities generated from the BTCV label maps "
@@ -241,8 +257,9 @@ def pairs_from_csv(path: str | os.PathLike) -> list[PairCase]:
     ``name``, ``fixed_id``, ``moving_id``. Relative paths are relative to the CSV's folder; empty label cells mean
     no label map."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise InputError(f"pairs CSV not found: '{path}'. Fix: check the path")
+    check_input_path(path, "pairs CSV", "CSV file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
@@ -300,8 +317,9 @@ def pairs_from_learn2reg(json_path: str | os.PathLike, split: str | None = None)
     maps are not there get None.
     """
     json_path = Path(json_path)
-    if not json_path.is_file():
+    if not json_path.exists():
         raise InputError(f"Learn2Reg dataset JSON not found: '{json_path}'. Fix: check the path")
+    check_input_path(json_path, "Learn2Reg dataset JSON", "JSON file")
     try:
         meta = json.loads(json_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
@@ -750,6 +768,7 @@ def evaluate_pairs(
     learn2reg: bool = False,
     method_name: str = "textscf",
     progress: bool = True,
+    resume: bool = False,
 ) -> EvaluationResult:
     """Register every pair with :func:`textscf.pipeline.register` and write the reports into ``output_dir``.
 
@@ -758,12 +777,17 @@ def evaluate_pairs(
         options: :class:`textscf.pipeline.RegistrationOptions` (None = defaults).
         output_dir: folder for ``per_region.csv``, ``per_pair.csv``, ``summary.md``, ``dice_boxplot.png`` and,
             with ``learn2reg``, ``learn2reg/disp_FFFF_MMMM.npz`` (see the module notes).
-        overwrite: replace existing outputs (otherwise they are refused before any registration).
+        overwrite: replace the previous evaluation in ``output_dir`` (otherwise existing outputs are refused before
+            any registration); an unfinished one in ``partial/`` is discarded.
         learn2reg: also write the Learn2Reg 2020/2021 submission fields.
         method_name: the method's name in the tables and the plot.
         progress: a progress bar over the pairs.
+        resume: continue the unfinished evaluation in ``output_dir/partial``: its finished pairs are kept, the
+            others are registered (the settings must be the same).
 
-    Every file appears when all pairs are done; on any error nothing is written.
+    Each finished pair is kept in ``partial/`` at once. A pair whose registration fails with a
+    :class:`~textscf.errors.TextSCFError` is reported by name once the other pairs have run (InputError); the
+    report files appear only when every pair is done.
     """
     from textscf.pipeline import RegistrationOptions, register
 
@@ -799,43 +823,64 @@ def evaluate_pairs(
                              "give distinct fixed_id / moving_id per pair")
     notes = [SYNTHETIC_NOTE] if any(c.synthetic for c in cases) else []
     output_dir = Path(output_dir)
-    per_region: list[dict] = []
-    per_pair: list[dict] = []
+    inputs = {f"pair {c.name!r} {role.replace('_', ' ')}": source
+              for c in cases for role, source in c._sources().items() if isinstance(source, Path)}
+    settings = {
+        "method": method_name, "checkpoint": options.checkpoint or "bundled model", "preset": options.preset,
+        "init": options.init, "refine iterations": options.refine_iterations, "device requested": options.device,
+    }
+    # what must not change between an interrupted evaluation and its --resume
+    signature = {**settings, "regions": options.region_names, "label values": options.label_values,
+                 "refine learning rate": options.refine_learning_rate, "seed": options.seed,
+                 "unmapped labels": options.unmapped_labels, "learn2reg": bool(learn2reg)}
 
     with ExitStack() as stack:
-        out = stack.enter_context(OutputFolder(output_dir, overwrite=overwrite, names=OUTPUT_NAMES))
+        out = stack.enter_context(OutputFolder(output_dir, overwrite=overwrite, names=OUTPUT_NAMES, inputs=inputs,
+                                               manifest=MANIFEST_NAME, known_names=OUTPUT_NAMES))
         l2r = None
         if learn2reg:
             l2r = stack.enter_context(OutputFolder(output_dir / LEARN2REG_FOLDER, overwrite=overwrite,
-                                                   names=list(npz_names.values())))
+                                                   names=list(npz_names.values()), manifest=MANIFEST_NAME))
+        partial = _PartialResults(output_dir / PARTIAL_FOLDER, signature)
+        done = partial.open(resume=resume, overwrite=overwrite)
+        todo = [c for c in cases if c.name not in done]
         bar = None
-        if progress:
+        if progress and todo:
             from tqdm.auto import tqdm
 
-            bar = stack.enter_context(tqdm(total=len(cases), unit="pair", desc=f"evaluate {method_name}"))
-        for case in cases:
+            bar = stack.enter_context(tqdm(total=len(todo), unit="pair", desc=f"evaluate {method_name}"))
+        failures: list[str] = []
+        for case in todo:
             if bar is not None:
                 bar.set_postfix_str(case.name)
-            fixed, moving, fixed_labels, moving_labels = case.load()
-            start = time.perf_counter()
-            result = register(fixed, moving, options, fixed_labels, moving_labels)
-            seconds = time.perf_counter() - start
-            fixed_id = case.fixed_id or _case_id_from_path(case.fixed) or ""
-            moving_id = case.moving_id or _case_id_from_path(case.moving) or ""
-            region_rows, pair_row = rows_from_result(case.name, result, seconds, fixed_id, moving_id)
-            per_region += region_rows
-            per_pair.append(pair_row)
-            if l2r is not None:
-                field_l2r = learn2reg_displacement(result.displacement, fixed, moving)
-                l2r.write_bytes(npz_names[case.name], _npz_bytes(field_l2r))
-            del result
+            try:
+                fixed, moving, fixed_labels, moving_labels = case.load()
+                start = time.perf_counter()
+                result = register(fixed, moving, options, fixed_labels, moving_labels)
+                seconds = time.perf_counter() - start
+                fixed_id = case.fixed_id or _case_id_from_path(case.fixed) or ""
+                moving_id = case.moving_id or _case_id_from_path(case.moving) or ""
+                region_rows, pair_row = rows_from_result(case.name, result, seconds, fixed_id, moving_id)
+                npz = None
+                if learn2reg:
+                    npz = _npz_bytes(learn2reg_displacement(result.displacement, fixed, moving))
+                del result
+            except TextSCFError as exc:
+                failures.append(f"pair {case.name!r}: {exc}")
+            else:
+                done[case.name] = partial.add(case.name, pair_row, region_rows, npz_names.get(case.name), npz)
             if bar is not None:
                 bar.update(1)
+        if failures:
+            finished = sum(c.name in done for c in cases)
+            raise InputError(
+                f"{len(failures)} of {len(cases)} pair(s) failed; " + "; ".join(failures) + ". "
+                f"The {finished} finished pair(s) are kept in '{partial.folder}'. Fix: correct the failed pair(s) "
+                "(or leave them out of the pair list) and run the same command again with --resume "
+                "(resume=True): only the pairs not finished yet are registered.")
 
-        settings = {
-            "method": method_name, "checkpoint": options.checkpoint or "bundled model", "preset": options.preset,
-            "init": options.init, "refine iterations": options.refine_iterations, "device requested": options.device,
-        }
+        per_region = [row for c in cases for row in done[c.name]["per_region"]]
+        per_pair = [done[c.name]["per_pair"] for c in cases]
         markdown = summary_markdown(method_name, per_pair, per_region, notes, settings)
         out.write_text("per_region.csv", rows_to_csv(per_region, PER_REGION_COLUMNS))
         out.write_text("per_pair.csv", rows_to_csv(per_pair, PER_PAIR_COLUMNS))
@@ -843,6 +888,10 @@ def evaluate_pairs(
         before_rows = [{"region": r["region"], "dice": r["dice_before"]} for r in per_region]
         title = f"Dice per region, {len(per_pair)} pair(s)" + (" (synthetic images)" if notes else "")
         dice_boxplot({BEFORE_NAME: before_rows, method_name: per_region}, out.temp_path("dice_boxplot.png"), title)
+        if l2r is not None:
+            for case in cases:
+                l2r.write_bytes(npz_names[case.name], partial.npz_bytes(npz_names[case.name]))
+    partial.remove()
 
     files = [output_dir / n for n in OUTPUT_NAMES]
     files += [output_dir / LEARN2REG_FOLDER / n for n in npz_names.values()]
@@ -850,6 +899,103 @@ def evaluate_pairs(
                "regions": summarise(per_region, by="region",
                                     columns=["dice", "hd95_mm", "dice_before", "hd95_mm_before"])}
     return EvaluationResult(method_name, per_region, per_pair, summary, markdown, files, notes)
+
+
+class _PartialResults:
+    """The finished pairs of an evaluation in progress: ``pairs.jsonl`` (a settings line, then one line per pair,
+    appended and flushed to disk as each pair finishes) and the pairs' Learn2Reg fields, in one folder."""
+
+    def __init__(self, folder: Path, signature: dict):
+        self.folder = folder
+        self.rows_path = folder / PARTIAL_ROWS
+        self.signature = json.loads(json.dumps(signature, default=str))
+
+    def _read(self) -> tuple[dict | None, dict[str, dict]]:
+        header, done = None, {}
+        with self.rows_path.open(encoding="utf-8") as f:
+            for line in f:
+                try:
+                    entry = json.loads(line)
+                except ValueError:  # a line cut short by a kill: that pair runs again
+                    continue
+                if "settings" in entry:
+                    header = entry["settings"]
+                elif "pair" in entry:
+                    done[entry["pair"]] = entry
+        return header, done
+
+    def open(self, resume: bool, overwrite: bool) -> dict[str, dict]:
+        """The finished pairs to keep ({} for a new evaluation); starts ``pairs.jsonl``."""
+        done: dict[str, dict] = {}
+        if self.rows_path.is_file():
+            header, previous = self._read()
+            if resume:
+                if header != self.signature:
+                    changed = sorted(k for k in set(self.signature) | set(header or {})
+                                     if (header or {}).get(k) != self.signature.get(k))
+                    raise InputError(
+                        f"the unfinished evaluation in '{self.folder}' ran with other settings ({', '.join(changed)} "
+                        "differ), so its pairs cannot be mixed with new ones. Fix: resume with the same options, or "
+                        "pass --overwrite instead of --resume to start over.")
+                done = previous
+            elif overwrite:
+                self.remove()
+            else:
+                raise OutputError(
+                    f"'{self.folder}' holds an unfinished evaluation ({len(previous)} finished pair(s)). Fix: pass "
+                    "--resume to continue it (only the missing pairs are registered), or --overwrite to start over.")
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            if not done:
+                self._append({"settings": self.signature}, mode="w")
+        except OSError as exc:
+            raise OutputError(f"cannot write the evaluation's progress file '{self.rows_path}' "
+                              f"({exc.strerror or exc}). Fix: choose an output folder you can write to.") from None
+        return done
+
+    def _append(self, entry: dict, mode: str = "a") -> None:
+        with self.rows_path.open(mode, encoding="utf-8") as f:
+            f.write(json.dumps(entry, default=_json_default) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add(self, name: str, pair_row: dict, region_rows: list[dict], npz_name: str | None,
+            npz: bytes | None) -> dict:
+        """Keep one finished pair (its field first, then its line: a listed pair is complete)."""
+        if npz is not None:
+            write_bytes_atomically(npz, self.folder / npz_name, "the Learn2Reg field")
+        entry = {"pair": name, "per_pair": pair_row, "per_region": region_rows, "npz": npz_name}
+        self._append(entry)
+        return json.loads(json.dumps(entry, default=_json_default))
+
+    def npz_bytes(self, name: str) -> bytes:
+        try:
+            return (self.folder / name).read_bytes()
+        except OSError as exc:
+            raise OutputError(f"the kept Learn2Reg field '{self.folder / name}' cannot be read "
+                              f"({exc.strerror or exc}). Fix: run again with --overwrite.") from None
+
+    def remove(self) -> None:
+        """Remove the files this class writes, then the folder if that leaves it empty."""
+        if self.rows_path.is_file():
+            try:
+                _, done = self._read()
+            except OSError:
+                done = {}
+            for entry in done.values():
+                if entry.get("npz") and Path(entry["npz"]).name == entry["npz"]:
+                    (self.folder / entry["npz"]).unlink(missing_ok=True)
+            self.rows_path.unlink(missing_ok=True)
+        try:
+            self.folder.rmdir()
+        except OSError:
+            pass
+
+
+def _json_default(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -867,18 +1013,9 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected at least 1, got {value}")
-    return value
-
-
 def add_evaluate_parser(sub) -> None:
     """Add ``textscf evaluate`` to the ``textscf`` sub-command parsers."""
+    from textscf.cli import int_option, output_folder_option, refine_iterations_option, refine_lr_option, seed_option
     from textscf.training_cli import DEFAULT_SHARED_DATA
 
     p = sub.add_parser(
@@ -895,7 +1032,8 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("--split", choices=["val", "test"], default=None,
                    help="which pairs of a Learn2Reg JSON: registration_val or registration_test (default: val if "
                    "present)")
-    p.add_argument("-o", "--output", required=True, help="output folder")
+    p.add_argument("-o", "--output", required=True, type=output_folder_option,
+                   help=f"output folder (finished pairs are kept in OUTPUT/{PARTIAL_FOLDER} as they complete)")
     g = p.add_argument_group("model and registration")
     g.add_argument("--checkpoint", help="textscf checkpoint (.pt); default: the bundled model")
     g.add_argument("--preset", help="prompt preset: abdomen-ct or brain-mri")
@@ -906,17 +1044,23 @@ def add_evaluate_parser(sub) -> None:
     g.add_argument("--init", choices=["none", "center", "affine"], default="center",
                    help="initial alignment (default: center of mass)")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    g.add_argument("--refine", type=int, default=0, metavar="N", help="instance optimisation iterations per pair")
-    g.add_argument("--refine-lr", type=float, default=None,
-                   help="refinement learning rate (default 1e-3)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--refine", type=refine_iterations_option, default=0, metavar="N",
+                   help="instance optimisation iterations per pair")
+    g.add_argument("--refine-lr", type=refine_lr_option, default=None,
+                   help="refinement learning rate, in (0, 1] (default 1e-3)")
+    g.add_argument("--seed", type=seed_option, default=0)
     o = p.add_argument_group("outputs")
     o.add_argument("--learn2reg", action="store_true", help="also write the Learn2Reg submission fields")
     o.add_argument("--method", default="textscf", help="method name in the tables and the plot")
-    o.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the previous evaluation in OUTPUT (once the new one has finished) and discard an "
+                   "unfinished one")
+    o.add_argument("--resume", action="store_true",
+                   help=f"continue the unfinished evaluation in OUTPUT/{PARTIAL_FOLDER} (same options): only the "
+                   "pairs not finished yet are registered")
     o.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA,
                    help=f"the shared data folder for {BTCV_SYNTHETIC_TEST} (default: ../shared/data)")
-    o.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="only the first N pairs")
+    o.add_argument("--limit", type=int_option(1, what="a number of pairs"), default=None, metavar="N", help="only the first N pairs")
     o.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=cmd_evaluate)
 
@@ -952,7 +1096,7 @@ def cmd_evaluate(args) -> int:
     for note in [SYNTHETIC_NOTE] if any(c.synthetic for c in cases) else []:
         print(f"textscf: note: {note}")
     result = evaluate_pairs(cases, options, args.output, overwrite=args.overwrite, learn2reg=args.learn2reg,
-                            method_name=args.method, progress=not args.quiet)
+                            method_name=args.method, progress=not args.quiet, resume=args.resume)
     s = result.summary["pairs"]
     print(f"textscf: evaluated {len(result.per_pair)} pair(s) with {args.method}: "
           f"Dice {format_mean_std(s['mean_dice_before'], 100, 1)} % -> {format_mean_std(s['mean_dice'], 100, 1)} %, "

@@ -61,6 +61,7 @@ __all__ = [
     "write_image",
     "write_displacement_transform",
     "write_transform",
+    "write_bytes_atomically",
     "check_same_grid",
     "check_geometry",
     "grid_mismatch",
@@ -223,12 +224,12 @@ def check_geometry(img: sitk.Image, what: str) -> None:
                          f"(textscf accepts {lo:g} to {hi:g} mm; a header in metres or micrometres looks like this). "
                          "Fix: correct the spacing in the header (in millimetres) and save the image again.")
     if not np.all(np.isfinite(origin)):
-        raise InputError(f"{what} has a non-finite origin {tuple(origin)}. Fix: correct the origin in the header.")
+        raise InputError(f"{what} has a non-finite origin {_numbers(origin)}. Fix: correct the origin in the header.")
     direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     gram = direction.T @ direction
     if not np.all(np.isfinite(direction)) or np.abs(gram - np.eye(3)).max() > _ORTHONORMAL_TOL:
         lengths = ", ".join(f"{v:.3g}" for v in np.sqrt(np.abs(np.diag(gram))))
-        raise InputError(f"{what} has a sheared or scaled direction matrix {tuple(direction.ravel().round(4))} "
+        raise InputError(f"{what} has a sheared or scaled direction matrix {_numbers(direction.ravel())} "
                          f"(column lengths {lengths}; a direction must be a rotation, orthonormal columns). Fix: "
                          "resample the image onto a grid without shear (e.g. harden the transform in 3D Slicer and "
                          "save the volume again), or correct the direction (TransformMatrix, sform) in the header.")
@@ -255,7 +256,7 @@ def _nifti_stored_values(path: Path, role: str) -> np.ndarray | None:
                 pixdim = np.asarray(header["pixdim"][1:1 + min(ndim, 3)], dtype=float)
                 if np.any(pixdim == 0) or not np.all(np.isfinite(pixdim)):
                     raise InputError(f"{role}: '{path}' stores the voxel spacing (pixdim) "
-                                     f"{tuple(float(v) for v in pixdim)} mm: 0 is not a spacing (ITK would silently "
+                                     f"{_numbers(pixdim)} mm: 0 is not a spacing (ITK would silently "
                                      "use 1 mm). Fix: set the real spacing in the header (e.g. nibabel: "
                                      "img.header.set_zooms(...)) and save the image again.")
                 break
@@ -331,6 +332,11 @@ _ORIGIN_TOL_FRACTION = 1e-3  # of the smallest voxel spacing, in mm
 _DIRECTION_TOL = 1e-3
 
 
+def _numbers(values, digits: int = 4) -> str:
+    """``(2, 1.5, 3)``: plain numbers for messages (a tuple of numpy floats prints as ``np.float64(2.0)``)."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+
 def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
     """How ``other``'s grid differs from ``reference``'s, one sentence per differing property ([] = same grid)."""
     problems = []
@@ -341,13 +347,13 @@ def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
     d_sp = np.abs(sp_o - sp_r)
     if np.any(d_sp > _SPACING_RTOL * sp_r):
         problems.append(
-            f"spacing {tuple(sp_o.round(6))} vs {tuple(sp_r.round(6))} mm (differs by up to {d_sp.max():.4g} mm)"
+            f"spacing {_numbers(sp_o, 6)} vs {_numbers(sp_r, 6)} mm (differs by up to {d_sp.max():.4g} mm)"
         )
     d_or = float(np.abs(np.array(other.GetOrigin()) - np.array(reference.GetOrigin())).max())
     tol_or = _ORIGIN_TOL_FRACTION * float(sp_r.min())
     if d_or > tol_or:
         problems.append(
-            f"origin {tuple(np.round(other.GetOrigin(), 4))} vs {tuple(np.round(reference.GetOrigin(), 4))} mm "
+            f"origin {_numbers(other.GetOrigin())} vs {_numbers(reference.GetOrigin())} mm "
             f"(differs by up to {d_or:.4g} mm, tolerance {tol_or:.2g} mm)"
         )
     dir_r = np.array(reference.GetDirection()).reshape(3, 3)
@@ -357,7 +363,7 @@ def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
         # Angle of the rotation taking one frame to the other (meaningful when both have the same handedness).
         cos = np.clip((np.trace(dir_r.T @ dir_o) - 1.0) / 2.0, -1.0, 1.0)
         problems.append(
-            f"direction {tuple(dir_o.ravel().round(4))} vs {tuple(dir_r.ravel().round(4))} "
+            f"direction {_numbers(dir_o.ravel())} vs {_numbers(dir_r.ravel())} "
             f"(entries differ by up to {d_dir:.4g}, about {np.degrees(np.arccos(cos)):.3g} degrees)"
         )
     return problems
@@ -503,6 +509,11 @@ def _replace_atomically(write, final: Path, what: str) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def write_bytes_atomically(data: bytes, path: str | os.PathLike, what: str = "the file") -> None:
+    """Write ``data`` to ``path`` (replacing it) through a temporary sibling: the file is whole or absent."""
+    _replace_atomically(lambda temp: temp.write_bytes(data), Path(path), what)
 
 
 def _write_image_file(image: sitk.Image, path: Path) -> None:
