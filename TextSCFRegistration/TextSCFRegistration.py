@@ -129,6 +129,17 @@ ENGINE_REQUIREMENTS = {
 }
 TORCH_REQUIREMENT = ">=2.1"
 
+# A fresh network refined on the pair (what works for regions or a modality the chosen model does not know): the
+# settings that registered brain MRI in the README's benchmark.
+FRESH_REFINE_ITERATIONS = 150
+FRESH_REFINE_FIELD_ITERATIONS = 50
+# Expected refinement time: seconds per network iteration and model-grid voxel, measured on a 2-core CPU (about
+# 1.2 s per iteration on the bundled model's 96 x 80 x 128 grid; 150 + 50 iterations on an 80 x 96 x 112 brain grid in
+# 258 s). Field iterations cost about a fifth of a network iteration. A CUDA GPU is taken as 20 times faster.
+REFINE_SECONDS_PER_VOXEL_CPU = 1.3e-6
+FIELD_ITERATION_COST = 0.2
+GPU_SPEEDUP = 20.0
+
 EXAMPLE_PAIR_SAMPLE_NAME = "TextSCFExamplePair"
 SEGMENT_COLORS = (
     (0.90, 0.35, 0.30), (0.30, 0.65, 0.90), (0.95, 0.80, 0.25), (0.45, 0.80, 0.40), (0.75, 0.45, 0.85),
@@ -436,6 +447,24 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         finally:
             self._updatingGui = False
         self._checkCanApply()
+        self._updateModelPlan()
+
+    def _updateModelPlan(self):
+        """Say under the model choice what Apply will run (and switch to) with these regions, before Apply."""
+        import sys
+
+        p = self._parameterNode
+        if p is None or self._running:
+            return
+        if p.modelSource == ModelSource.URL:
+            self.ui.modelPlanLabel.text = _("The downloaded model is checked against the regions on Apply.")
+            return
+        try:
+            plan = self.logic.modelPlan(self._optionsFromGui(downloadCheckpoint=False), p.fixedVolume,
+                                        torchAvailable="torch" in sys.modules)  # never import torch here: slow
+            self.ui.modelPlanLabel.text = plan["message"]
+        except Exception as exc:
+            self.ui.modelPlanLabel.text = str(exc)
 
     def _checkCanApply(self):
         p = self._parameterNode
@@ -625,7 +654,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                        self.ui.modelSha256LineEdit):
             widget.visible = source == ModelSource.URL
 
-    def _checkpointFromGui(self):
+    def _checkpointFromGui(self, download=True):
+        """The ``checkpoint`` option; a URL is downloaded (worker thread, progress bar, Cancel) unless not ``download``."""
         p = self._parameterNode
         if p.modelSource == ModelSource.LOCAL_FILE:
             if not p.modelPath or not os.path.isfile(p.modelPath):
@@ -633,10 +663,13 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                                    "bundled model.").format(p.modelPath))
             return p.modelPath
         if p.modelSource == ModelSource.URL:
-            with slicer.util.WaitCursor():
-                self.ui.statusLabel.text = _("Downloading the model checkpoint...")
-                slicer.app.processEvents()
-                return self.logic.downloadCheckpoint(p.modelUrl.strip(), p.modelSha256.strip())
+            if not download:
+                return None
+            url, sha256 = p.modelUrl.strip(), p.modelSha256.strip()
+            return self._runInWorkerThread(lambda: self.logic.downloadCheckpoint(
+                url, sha256, progressCallback=lambda fraction: self._onProgress(
+                    _("Downloading the model checkpoint"), fraction),
+                cancelCallback=self._isCancelRequested))
         if p.modelSource == ModelSource.FRESH:
             if int(p.refineIterations) <= 0:
                 raise ValueError(_("A fresh network must be optimised on the pair: set 'Refine on this pair' "
@@ -644,7 +677,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             return "fresh"
         return None
 
-    def _optionsFromGui(self):
+    def _optionsFromGui(self, downloadCheckpoint=True):
         """Keyword arguments of ``RegistrationOptions`` for the current GUI state."""
         p = self._parameterNode
         options = {
@@ -657,7 +690,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "refine_smooth_weight": float(p.refineSmoothWeight),
             "seed": int(p.seed),
             "template": p.promptTemplate.strip() or None,
-            "checkpoint": self._checkpointFromGui(),
+            "checkpoint": self._checkpointFromGui(download=downloadCheckpoint),
         }
         if p.preset == self.CUSTOM_PRESET:
             regions = self._readRegionsTable(strict=True)
@@ -750,12 +783,23 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         from textscf.errors import CancelledError
 
         try:
+            # Apply and the inputs stay disabled from here on: dependency install, download and registration.
+            self._setRunning(True)
+            self.ui.statusLabel.text = _("Checking the Python packages...")
             if not self.logic.ensureDependencies(askConfirmation=True):
                 self.ui.statusLabel.text = _("Not started: the required Python packages are not installed.")
                 return
-            options = self._optionsFromGui()
+            # PyTorch may have just been installed: offer the GPU it sees.
+            self._populateDeviceComboBox(detectGpu=True)
             p = self._parameterNode
-            self._setRunning(True)
+            options = self._optionsFromGui()
+            plan = self.logic.modelPlan(options, p.fixedVolume, torchAvailable=True)
+            self.ui.modelPlanLabel.text = plan["message"]
+            if plan["switched"]:
+                if not slicer.util.confirmOkCancelDisplay(plan["message"], windowTitle=_("TextSCF model")):
+                    self.ui.statusLabel.text = _("Not started: choose regions the model knows, or another model.")
+                    return
+                options = plan["options"]
             nodes = self.logic.process(
                 p.fixedVolume, p.movingVolume, options,
                 fixedSegmentationNode=p.fixedSegmentation, movingSegmentationNode=p.movingSegmentation,
@@ -943,17 +987,21 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         return os.path.join(os.path.expanduser("~"), ".cache", "textscf")
 
     @staticmethod
-    def downloadCheckpoint(url, sha256, folder=None):
+    def downloadCheckpoint(url, sha256, folder=None, progressCallback=None, cancelCallback=None):
         """Download a checkpoint (once) and verify its SHA-256; returns the local path.
 
         A file already in the cache with the right hash is reused; a mismatch raises CheckpointError and
-        leaves nothing behind.
+        leaves nothing behind. Touches no Qt or MRML object, so the widget runs it on a worker thread.
+
+        :param progressCallback: ``f(fraction)`` after each block (fraction in [0, 1]; 0 while the size is unknown).
+        :param cancelCallback: ``f() -> bool``, polled after each block; True stops the download (CancelledError)
+            and removes the partial file.
         """
         import hashlib
         import urllib.parse
         import urllib.request
 
-        from textscf.errors import CheckpointError
+        from textscf.errors import CancelledError, CheckpointError
 
         digest = (sha256 or "").strip().lower()
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
@@ -979,12 +1027,21 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         h = hashlib.sha256()
         try:
             with urllib.request.urlopen(url) as response, open(partial, "wb") as out:
+                total = int(response.headers.get("Content-Length") or 0)
+                done = 0
                 for block in iter(lambda: response.read(1 << 20), b""):
                     h.update(block)
                     out.write(block)
-        except OSError as exc:
+                    done += len(block)
+                    if progressCallback is not None:
+                        progressCallback(min(1.0, done / total) if total else 0.0)
+                    if cancelCallback is not None and cancelCallback():
+                        raise CancelledError("checkpoint download cancelled; nothing was kept")
+        except (OSError, CancelledError) as exc:
             if os.path.exists(partial):
                 os.remove(partial)
+            if isinstance(exc, CancelledError):
+                raise
             raise CheckpointError(f"could not download the checkpoint from {url}: {exc}") from exc
         if h.hexdigest() != digest:
             os.remove(partial)
@@ -1410,6 +1467,123 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             if sorted((_normalizedName(n), int(v)) for n, v in zip(preset.region_names, preset.label_values)) == wanted:
                 return name
         return None
+
+    # -- model fit ----------------------------------------------------------------------------------------------------
+
+    @staticmethod
+    def modelConfig(checkpoint=None):
+        """The configuration (a dict: regions, text encoder, modality, grid) of a checkpoint; None = the bundled model.
+
+        Needs PyTorch (the checkpoint is a torch file); reads the file without building the network.
+        """
+        from textscf.checkpoint import read_checkpoint_file
+        from textscf.errors import CheckpointError
+        from textscf.pipeline import bundled_model_path
+
+        path = checkpoint or bundled_model_path()
+        payload = read_checkpoint_file(path)
+        if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
+            raise CheckpointError(f"{path} is not a textscf checkpoint (no configuration in it)")
+        return payload["config"]
+
+    @staticmethod
+    def estimateRefineSeconds(gridShape, iterations, fieldIterations, device="cpu"):
+        """Expected seconds of refinement on a model grid of ``gridShape`` voxels (see REFINE_SECONDS_PER_VOXEL_CPU)."""
+        voxels = float(np.prod([int(n) for n in gridShape]))
+        seconds = voxels * REFINE_SECONDS_PER_VOXEL_CPU * (int(iterations) + FIELD_ITERATION_COST * int(fieldIterations))
+        return seconds / GPU_SPEEDUP if str(device).startswith("cuda") else seconds
+
+    @staticmethod
+    def _duration(seconds):
+        if seconds < 90:
+            return _("about {0} s").format(int(round(max(seconds, 1.0))))
+        return _("about {0} min").format(int(round(seconds / 60.0)))
+
+    def modelPlan(self, options, fixedVolumeNode=None, torchAvailable=None):
+        """Whether the chosen model can use the chosen regions, and what to run instead; decided before Apply.
+
+        A one-hot model (the bundled one) knows only the regions it was trained with and its modality. For other
+        regions (the brain preset, a new name such as "lung") or another modality, the plan switches to a fresh
+        network refined on the pair (``FRESH_REFINE_ITERATIONS`` + ``FRESH_REFINE_FIELD_ITERATIONS`` iterations, or
+        more if asked) and says so, with the expected time.
+
+        :param options: dict of ``RegistrationOptions`` fields (as the widget builds them).
+        :param fixedVolumeNode: sizes the fresh network's grid for the time estimate (optional).
+        :param torchAvailable: whether PyTorch can be imported (default: checked); without it a checkpoint cannot be
+            read, so the plan says the check happens on Apply.
+        :return: dict with ``switched`` (bool), ``options`` (the options to run with), ``message`` (for the user;
+            empty when there is nothing to say) and ``estimatedSeconds`` (refinement time, None when unknown).
+        """
+        import importlib.util
+
+        from textscf.presets import load_preset, model_rows
+
+        options = dict(options or {})
+        device = "cuda" if (options.get("device", "auto") != "cpu" and self.cudaAvailable()) else "cpu"
+        deviceLabel = _("the GPU") if device == "cuda" else _("the CPU")
+        preset = load_preset(options["preset"]) if options.get("preset") else None
+        names = options.get("region_names") or (list(preset.region_names) if preset else None)
+        plan = {"switched": False, "options": options, "message": "", "estimatedSeconds": None}
+
+        def freshGridShape():
+            if fixedVolumeNode is None or fixedVolumeNode.GetImageData() is None:
+                return None
+            factor = float(options.get("fresh_grid_factor", 2.0))
+            dims = fixedVolumeNode.GetImageData().GetDimensions()
+            return [int(16 * np.ceil(n / factor / 16)) for n in dims]
+
+        def describeFresh(prefix):
+            shape = freshGridShape()
+            iterations = int(options["refine_iterations"])
+            fieldIterations = int(options.get("refine_field_iterations", 0))
+            text = prefix + _("a fresh network refined on this pair: {0} + {1} iterations").format(
+                iterations, fieldIterations)
+            if shape is not None:
+                plan["estimatedSeconds"] = self.estimateRefineSeconds(shape, iterations, fieldIterations, device)
+                text += _(", {0} on {1}").format(self._duration(plan["estimatedSeconds"]), deviceLabel)
+            return text + "."
+
+        checkpoint = options.get("checkpoint")
+        if str(checkpoint or "").lower() == "fresh":
+            if int(options.get("refine_iterations", 0)) > 0:
+                plan["message"] = describeFresh(_("Model: "))
+            else:
+                plan["message"] = _("A fresh network must be refined on the pair: set 'Refine on this pair' above 0.")
+            return plan
+        if torchAvailable is None:
+            torchAvailable = importlib.util.find_spec("torch") is not None
+        if not torchAvailable:
+            plan["message"] = _("The model is checked against the regions on Apply, once PyTorch is installed.")
+            return plan
+        config = self.modelConfig(checkpoint)
+        modelName = _("the bundled model") if not checkpoint else _("the chosen model")
+        problems = []
+        if config.get("text_encoder", "onehot") == "onehot" and names is not None:
+            _rows, unknown = model_rows(config.get("region_names", []), names)
+            if unknown:
+                shown = ", ".join(unknown[:4]) + (_(" and {0} more").format(len(unknown) - 4) if len(unknown) > 4
+                                                  else "")
+                problems.append(_("{0} knows only its {1} training regions (one-hot prompts), not {2}").format(
+                    modelName, len(config.get("region_names", [])), shown))
+        if preset is not None and config.get("modality") and preset.modality != config["modality"]:
+            problems.append(_("{0} was trained on {1}, not {2}").format(
+                modelName, config["modality"].upper(), preset.modality.upper()))
+        if not problems:
+            iterations = int(options.get("refine_iterations", 0))
+            if iterations > 0 and config.get("input_shape"):
+                plan["estimatedSeconds"] = self.estimateRefineSeconds(
+                    config["input_shape"], iterations, int(options.get("refine_field_iterations", 0)), device)
+                plan["message"] = _("Model: {0}, refined on this pair ({1} on {2}).").format(
+                    modelName, self._duration(plan["estimatedSeconds"]), deviceLabel)
+            return plan
+        options.update(checkpoint="fresh",
+                       refine_iterations=max(int(options.get("refine_iterations", 0)), FRESH_REFINE_ITERATIONS),
+                       refine_field_iterations=max(int(options.get("refine_field_iterations", 0)),
+                                                   FRESH_REFINE_FIELD_ITERATIONS))
+        plan["switched"] = True
+        plan["message"] = describeFresh("; ".join(problems)[:1].upper() + "; ".join(problems)[1:]
+                                        + _(". Apply will use "))
+        return plan
 
     # -- registration -------------------------------------------------------------------------------------------------
 

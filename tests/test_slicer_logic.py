@@ -718,6 +718,25 @@ def test_download_checkpoint_verifies_sha256(mod, tmp_path):
         mod.TextSCFRegistrationLogic.downloadCheckpoint((tmp_path / "missing.pt").as_uri(), "0" * 64, str(cache))
 
 
+def test_download_checkpoint_reports_progress_and_cancels(mod, tmp_path):
+    """The widget runs the download on a worker thread: progress goes through a callback, Cancel stops it."""
+    source = tmp_path / "big.pt"
+    source.write_bytes(np.random.default_rng(0).bytes(3 * (1 << 20) + 123))  # four 1 MiB blocks
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    cache = tmp_path / "cache"
+    fractions = []
+    mod.TextSCFRegistrationLogic.downloadCheckpoint(source.as_uri(), digest, str(cache),
+                                                    progressCallback=fractions.append)
+    assert len(fractions) == 4 and fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert 0.3 < fractions[0] < 0.35
+
+    polls = []
+    with pytest.raises(CancelledError):
+        mod.TextSCFRegistrationLogic.downloadCheckpoint(source.as_uri(), "1" * 64, str(tmp_path / "other"),
+                                                        cancelCallback=lambda: polls.append(1) or len(polls) >= 2)
+    assert len(polls) == 2 and list((tmp_path / "other").iterdir()) == []  # no partial file left
+
+
 def test_dependency_check_lists_only_missing_packages(mod):
     missing = mod.TextSCFRegistrationLogic.missingRequirements()
     for module_name, requirement in mod.ENGINE_REQUIREMENTS.items():
@@ -866,3 +885,67 @@ def _bundled_model_available():
 def test_module_self_test_runs_headless(mod):
     """The in-Slicer self-test (bundled model, example pair, Dice after > before) also runs on slicer-core."""
     mod.TextSCFRegistrationTest().runTest()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The model in use and the chosen regions: decided before Apply
+
+
+def test_model_plan_switches_to_a_fresh_network_for_the_brain_preset(mod, logic, scene, fixed_node):
+    plan = logic.modelPlan({"preset": "brain-mri", "device": "cpu", "refine_iterations": 12,
+                            "refine_field_iterations": 30}, fixed_node, torchAvailable=True)
+    assert plan["switched"]
+    assert plan["options"]["checkpoint"] == "fresh"
+    assert plan["options"]["refine_iterations"] == mod.FRESH_REFINE_ITERATIONS
+    assert plan["options"]["refine_field_iterations"] == mod.FRESH_REFINE_FIELD_ITERATIONS
+    assert plan["options"]["preset"] == "brain-mri"
+    message = plan["message"]
+    assert "the bundled model knows only its 13 training regions" in message.lower()
+    assert "trained on CT, not MRI" in message and "fresh network" in message and "the CPU" in message
+    # 14 x 12 x 10 voxels -> a 16 x 16 x 16 grid at half resolution
+    expected = logic.estimateRefineSeconds((16, 16, 16), 150, 50, "cpu")
+    assert plan["estimatedSeconds"] == pytest.approx(expected) and "about 1 s" in message
+
+
+def test_model_plan_keeps_the_bundled_model_for_regions_it_knows(logic, fixed_node):
+    for preset in ("abdomen-ct", "totalsegmentator"):
+        plan = logic.modelPlan({"preset": preset, "device": "cpu", "refine_iterations": 12,
+                                "refine_field_iterations": 30}, fixed_node, torchAvailable=True)
+        assert not plan["switched"] and plan["options"].get("checkpoint") is None
+        # The bundled model's 96 x 80 x 128 grid: about 1.3 s per refinement iteration on the CPU
+        assert plan["estimatedSeconds"] == pytest.approx(96 * 80 * 128 * 1.3e-6 * (12 + 0.2 * 30))
+        assert "refined on this pair (about 23 s on the CPU)" in plan["message"]
+    # Segment names as TotalSegmentator writes them are regions the model knows
+    plan = logic.modelPlan({"region_names": ["liver", "kidney_right"], "label_values": [1, 2], "device": "cpu"},
+                           fixed_node, torchAvailable=True)
+    assert not plan["switched"] and plan["message"] == ""
+
+
+def test_model_plan_for_a_new_region_and_without_torch(logic, fixed_node):
+    options = {"region_names": ["liver", "lung"], "label_values": [6, 20], "device": "cpu", "refine_iterations": 200}
+    plan = logic.modelPlan(options, fixed_node, torchAvailable=True)
+    assert plan["switched"] and "not lung" in plan["message"]
+    assert plan["options"]["refine_iterations"] == 200  # more than the default is kept
+    assert options.get("checkpoint") is None  # the caller's options are not modified
+    plan = logic.modelPlan(options, fixed_node, torchAvailable=False)
+    assert not plan["switched"] and "on Apply, once PyTorch is installed" in plan["message"]
+    plan = logic.modelPlan({"checkpoint": "fresh", "preset": "abdomen-ct", "refine_iterations": 0}, fixed_node)
+    assert "above 0" in plan["message"]
+
+
+@needs_pipeline
+def test_switched_plan_registers_a_region_the_bundled_model_does_not_know(logic, scene, example_pair):
+    """Adding "lung" (the .ui's own example) to the example pair's organs: the plan's fresh network registers it."""
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    names = list(pair["regionNames"]) + ["lung"]
+    values = list(pair["labelValues"]) + [99]
+    plan = logic.modelPlan({"region_names": names, "label_values": values, "device": "cpu", "init": "none"},
+                           pair["fixedVolumeNode"], torchAvailable=True)
+    assert plan["switched"]
+    options = dict(plan["options"], refine_iterations=2, refine_field_iterations=0, fresh_grid_factor=4.0)
+    with pytest.warns(UserWarning, match="'lung' \\(label 99\\)"):  # the example pair has no lung voxels
+        nodes = logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"], options,
+                              fixedSegmentationNode=pair["fixedSegmentationNode"])
+    assert nodes["outputTransformNode"].GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
+    assert logic.lastResult.stats["checkpoint"] == "fresh"
+    assert logic.lastResult.region_names[-1] == "lung"

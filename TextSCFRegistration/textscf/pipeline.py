@@ -23,7 +23,7 @@ from textscf.alignment import describe_transform, initial_alignment
 from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
-from textscf.presets import load_preset
+from textscf.presets import load_preset, model_rows
 from textscf.results import RegistrationResult
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
 from textscf.spatial import (
@@ -209,17 +209,17 @@ def text_matrix_for(net: TextSCFNet, prompts: Prompts) -> tuple[torch.Tensor, li
     """
     cfg = net.config
     if cfg.text_encoder == "onehot":
-        known = {n.strip().lower(): i + 1 for i, n in enumerate(cfg.region_names)}
-        unknown = [n for n in prompts.region_names if n.strip().lower() not in known]
+        rows, unknown = model_rows(cfg.region_names, prompts.region_names)
         if unknown:
             raise PromptError(
                 f"this model uses one-hot prompts and knows only {len(cfg.region_names)} regions "
-                f"({', '.join(cfg.region_names)}); it cannot use {unknown}. New regions need a model trained "
-                "with a CLIP text encoder, or prompts from the model's list"
+                f"({', '.join(cfg.region_names)}); it cannot use {unknown}. Fix: register with a fresh network "
+                "refined on this pair (--checkpoint fresh --refine 150 --refine-field 50; minutes on a CPU), use a "
+                "model trained with a CLIP text encoder, or keep to prompts from the model's list"
             )
         if prompts.template != cfg.template:
             warnings.warn("one-hot prompts ignore the template; the model's own regions are used", stacklevel=3)
-        return net.text_matrix, [known[n.strip().lower()] for n in prompts.region_names]
+        return net.text_matrix, rows
     if list(prompts.region_names) == list(cfg.region_names) and prompts.template == cfg.template:
         return net.text_matrix, list(range(1, len(prompts.region_names) + 1))
     encoder_name = canonical_encoder_name(cfg.text_encoder)

@@ -1,5 +1,8 @@
-"""TotalSegmentator interoperability: its label values and names map onto the model's regions, and a label map read
-with the wrong labelling scheme is refused instead of giving a wrong registration without a word."""
+"""Presets as labelling schemes and prompt sets.
+
+TotalSegmentator interoperability: its label values and names map onto the model's regions, and a label map read
+with the wrong labelling scheme is refused instead of giving a wrong registration without a word. Presets the model
+in use cannot serve (brain MRI with the bundled abdomen model) say what to run instead."""
 import json
 import warnings
 
@@ -217,3 +220,23 @@ def test_cli_register_with_the_totalsegmentator_preset(shared_data, tmp_path, ti
     assert 0.8 < stats["dice_before"]["liver"] < 1.0
     assert stats["dice_before"]["aorta"] > 0.2
     assert set(stats["dice_before"]) >= {"liver", "spleen", "aorta", "inferior vena cava", "pancreas"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Presets the model in use does not know
+
+
+def test_cli_brain_preset_with_the_bundled_model_says_what_works(tmp_path, capsys):
+    from textscf.cli import main
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for name in ("fixed", "moving"):
+        image = sitk.GetImageFromArray(rng.normal(100.0, 20.0, (24, 28, 32)).astype(np.float32))
+        image.SetSpacing((1.0, 1.0, 1.0))
+        paths.append(str(tmp_path / f"{name}.nii.gz"))
+        sitk.WriteImage(image, paths[-1])
+    assert main(["register", *paths, "-o", str(tmp_path / "out"), "--preset", "brain-mri", "--device", "cpu",
+                 "--quiet", "--no-qc"]) == 2
+    err = capsys.readouterr().err
+    assert "knows only 13 regions" in err and "--checkpoint fresh --refine 150" in err
