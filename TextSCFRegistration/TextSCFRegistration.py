@@ -117,17 +117,23 @@ JACOBIAN_COLOR_NODE_NAME = "TextSCF Jacobian"
 TABLE_COLUMNS = (("Measure", "string"), ("Region", "string"), ("Value", "double"), ("Before", "double"),
                  ("Note", "string"))
 
-# Python packages the engine needs besides torch (import name -> pip requirement). SimpleITK and numpy ship with Slicer.
-ENGINE_REQUIREMENTS = {
-    "monai": "monai>=1.3",
-    "open_clip": "open_clip_torch>=2.24",
-    "nibabel": "nibabel>=5.0",
-    "einops": "einops>=0.7",
-    "tqdm": "tqdm>=4.60",
-    "matplotlib": "matplotlib>=3.7",
-    "scipy": "scipy>=1.10",
-}
-TORCH_REQUIREMENT = ">=2.1"
+# The engine's requirements: one list, shipped with the engine (textscf/resources/requirements.json).
+REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "textscf", "resources",
+                                 "requirements.json")
+
+
+def _engineRequirements():
+    with open(REQUIREMENTS_FILE, encoding="utf-8") as f:
+        return json.load(f)["requirements"]
+
+
+# Import name -> pip requirement of what the module installs (or finds shipped with Slicer); torch comes from the
+# PyTorch extension, under TORCH_REQUIREMENT.
+ENGINE_REQUIREMENTS = {r["import"]: r["requirement"] for r in _engineRequirements() if r["source"] != "pytorch-extension"}
+TORCH_REQUIREMENT = next(r["requirement"][len("torch"):] for r in _engineRequirements() if r["import"] == "torch")
+# MONAI and numpy 2 (Slicer >= 5.10): MONAI 1.4 requires numpy < 2, and MONAI 1.5 and later require torch >= 2.4.1
+# (their package metadata). With numpy 2 and an older torch, MONAI cannot be installed without breaking Slicer.
+TORCH_FOR_NUMPY2 = "2.4.1"
 
 # A fresh network refined on the pair (what works for regions or a modality the chosen model does not know): the
 # settings that registered brain MRI in the README's benchmark.
@@ -924,23 +930,51 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             return False
 
     @staticmethod
-    def _torchConstraintsFile():
-        """A pip constraints file pinning the installed torch (and torchvision) so that pip never replaces them."""
+    def installedPackageConstraints():
+        """pip constraints ``name==version`` pinning every package installed in this Python (numpy, SimpleITK, vtk,
+        torch, ... whatever Slicer and its extensions installed), so that pip only adds packages and never upgrades
+        or downgrades one Slicer relies on."""
         import importlib.metadata
-        import tempfile
+        import re
 
-        lines = []
-        for package in ("torch", "torchvision"):
-            try:
-                lines.append(f"{package}=={importlib.metadata.version(package)}")
-            except importlib.metadata.PackageNotFoundError:
-                pass
-        if not lines:
-            return None
-        handle, path = tempfile.mkstemp(prefix="textscf-constraints-", suffix=".txt")
-        with os.fdopen(handle, "w") as f:
-            f.write("\n".join(lines) + "\n")
-        return path
+        pins = {}
+        for distribution in importlib.metadata.distributions():
+            name, version = distribution.metadata["Name"], distribution.version
+            if name and version:
+                pins.setdefault(re.sub(r"[-_.]+", "-", name).lower(), version)
+        return [f"{name}=={version}" for name, version in sorted(pins.items())]
+
+    @staticmethod
+    def pipInstallArguments(requirements, constraintsPath):
+        """Arguments of ``slicer.util.pip_install``: the requirements under the constraints file."""
+        return list(requirements) + ["--constraint", constraintsPath]
+
+    @staticmethod
+    def torchProblem(torchVersion, numpyVersion):
+        """What is wrong with the installed PyTorch for the engine (and what to do), or None when it fits."""
+        def release(version):
+            parts = []
+            for part in str(version).split("+")[0].split("."):
+                digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+                if not digits:
+                    break
+                parts.append(int(digits))
+            return tuple(parts)
+
+        minimum = TORCH_REQUIREMENT.lstrip(">=")
+        fix = _("Fix: open the PyTorch Utils module, uninstall PyTorch and install version {0} or later, restart "
+                "Slicer and press Apply again.")
+        if release(torchVersion) < release(minimum):
+            return _("TextSCF needs PyTorch {0} or later; this Slicer has PyTorch {1}. ").format(minimum, torchVersion) \
+                + fix.format(minimum)
+        if numpyVersion and release(numpyVersion) >= (2,) and release(torchVersion) < release(TORCH_FOR_NUMPY2):
+            return _("PyTorch {0} is too old for the MONAI that works with this Slicer's numpy {1}: MONAI 1.4 needs "
+                     "numpy < 2 (installing it would replace Slicer's numpy and break Slicer) and MONAI 1.5 or later "
+                     "needs PyTorch {2} or later. ").format(torchVersion, numpyVersion, TORCH_FOR_NUMPY2) \
+                + fix.format(TORCH_FOR_NUMPY2) \
+                + _(" Where no such PyTorch exists (Intel Macs stop at 2.2), use a Slicer release that ships "
+                    "numpy 1 (5.8).")
+        return None
 
     def ensureDependencies(self, askConfirmation=True):
         """Install what the engine needs, after the user agrees; False when the user declined.
@@ -962,19 +996,39 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                                                                   torchVersionRequirement=TORCH_REQUIREMENT)
             if torch is None:
                 return False
+        import importlib.metadata
+
+        def installedVersion(name):
+            try:
+                return importlib.metadata.version(name)
+            except importlib.metadata.PackageNotFoundError:
+                return None
+
+        problem = self.torchProblem(installedVersion("torch") or "0", installedVersion("numpy"))
+        if problem:
+            raise RuntimeError(problem)
         missing = self.missingRequirements()
         if missing:
             if askConfirmation and SLICER_APP_AVAILABLE and not slicer.util.confirmOkCancelDisplay(
                     _("TextSCF needs these Python packages, which will now be downloaded and installed:\n\n{0}\n\n"
-                      "This may take a few minutes.").format("\n".join(missing))):
+                      "This may take a few minutes. Packages already installed (numpy, SimpleITK, PyTorch, ...) are "
+                      "kept as they are.").format("\n".join(missing))):
                 return False
-            constraints = self._torchConstraintsFile()
-            args = list(missing) + (["-c", constraints] if constraints else [])
+            import tempfile
+
+            handle, constraints = tempfile.mkstemp(prefix="textscf-constraints-", suffix=".txt")
+            with os.fdopen(handle, "w") as f:
+                f.write("\n".join(self.installedPackageConstraints()) + "\n")
             try:
-                slicer.util.pip_install(args)
+                slicer.util.pip_install(self.pipInstallArguments(missing, constraints))
+            except Exception as exc:
+                raise RuntimeError(_("Could not install {0} without changing a package this Slicer already has "
+                                     "(every installed package is kept at its version): {1}. Fix: update Slicer or "
+                                     "the PyTorch extension, or install a compatible version of the package from the "
+                                     "Python console (slicer.util.pip_install).").format(", ".join(missing), exc)) \
+                    from exc
             finally:
-                if constraints:
-                    os.remove(constraints)
+                os.remove(constraints)
             importlib.invalidate_caches()
         return True
 

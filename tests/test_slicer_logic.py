@@ -743,6 +743,68 @@ def test_dependency_check_lists_only_missing_packages(mod):
         assert (requirement in missing) == (importlib.util.find_spec(module_name) is None)
 
 
+# Still in pyproject.toml because changing its dependency list rebuilds every developer's environment
+# (scripts/with-env keys the environment on it); nothing imports it. Remove both together.
+NOT_YET_DROPPED_FROM_PYPROJECT = {"einops>=0.7"}
+
+
+def test_requirements_have_one_home_that_pyproject_follows(mod):
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    shipped = [r["requirement"] for r in mod._engineRequirements()]
+    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert sorted(shipped) == sorted(set(declared) - NOT_YET_DROPPED_FROM_PYPROJECT)
+    assert mod.TORCH_REQUIREMENT == ">=2.1" and "torch" not in mod.ENGINE_REQUIREMENTS
+    assert mod.ENGINE_REQUIREMENTS["open_clip"] == "open_clip_torch>=2.24"
+    # The dropped dependency really is unused
+    for path in list((root / "TextSCFRegistration").rglob("*.py")) + list((root / "benchmarks").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert "import einops" not in text and "from einops" not in text, path
+
+
+def test_install_pins_every_installed_package(mod, logic, monkeypatch):
+    """pip may only add packages: numpy, SimpleITK, torch... stay at the versions Slicer has."""
+    import importlib.metadata
+
+    calls = []
+
+    def fake_pip_install(args):
+        constraints = Path(args[args.index("--constraint") + 1])
+        calls.append((list(args), constraints.read_text().splitlines(), constraints))
+
+    monkeypatch.setattr(slicer.util, "pip_install", fake_pip_install, raising=False)
+    monkeypatch.setattr(mod.TextSCFRegistrationLogic, "missingRequirements", staticmethod(lambda: ["nibabel>=5.0"]))
+    assert logic.ensureDependencies(askConfirmation=False)
+    (args, pins, path), = calls
+    assert args[0] == "nibabel>=5.0" and args[1] == "--constraint"
+    for package in ("numpy", "simpleitk", "torch", "vtk"):
+        try:
+            version = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert f"{package}=={version}" in pins
+    assert f"numpy=={importlib.metadata.version('numpy')}" in pins
+    assert not path.exists()  # the temporary constraints file is removed
+
+    def failing_pip_install(args):
+        raise RuntimeError("ResolutionImpossible: monai 1.4.0 requires numpy<2.0")
+
+    monkeypatch.setattr(slicer.util, "pip_install", failing_pip_install, raising=False)
+    with pytest.raises(RuntimeError, match="without changing a package this Slicer already has.*numpy<2.0"):
+        logic.ensureDependencies(askConfirmation=False)
+
+
+def test_torch_is_checked_against_what_monai_needs(mod):
+    problem = mod.TextSCFRegistrationLogic.torchProblem
+    assert problem("2.14.1", "2.3.5") is None
+    assert problem("2.2.2", "1.26.4") is None  # numpy 1: MONAI 1.4 installs with PyTorch 2.2
+    message = problem("2.2.2+cpu", "2.1.3")  # the last Intel-Mac PyTorch with Slicer 5.10's numpy 2
+    assert "numpy 2.1.3" in message and "2.4.1 or later" in message and "PyTorch Utils" in message
+    assert "needs PyTorch 2.1 or later" in problem("2.0.1", "1.26.0")
+    assert problem("2.4.1", "2.0.0") is None
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # End to end through textscf.pipeline.register (skipped until the pipeline exists)
 
