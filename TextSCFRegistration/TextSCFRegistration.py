@@ -474,18 +474,10 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _checkCanApply(self):
         p = self._parameterNode
-        if self._running:
-            self.ui.applyButton.enabled = False
-            return
-        if not p or not p.fixedVolume or not p.movingVolume:
-            self.ui.applyButton.toolTip = _("Select the fixed and moving volumes.")
-            self.ui.applyButton.enabled = False
-        elif p.fixedVolume == p.movingVolume:
-            self.ui.applyButton.toolTip = _("The fixed and moving volumes must differ.")
-            self.ui.applyButton.enabled = False
-        else:
-            self.ui.applyButton.toolTip = _("Register the moving volume to the fixed volume.")
-            self.ui.applyButton.enabled = True
+        enabled, toolTip = TextSCFRegistrationLogic.applyState(p.fixedVolume if p else None,
+                                                               p.movingVolume if p else None, self._running)
+        self.ui.applyButton.enabled = enabled
+        self.ui.applyButton.toolTip = toolTip
 
     # -- presets and regions ------------------------------------------------------------------------------------------
 
@@ -634,10 +626,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         comboBox = self.ui.deviceComboBox
         wasBlocked = comboBox.blockSignals(True)
         comboBox.clear()
-        comboBox.addItem(_("Automatic"), "auto")
-        comboBox.addItem(_("CPU"), "cpu")
-        if detectGpu and TextSCFRegistrationLogic.cudaAvailable():
-            comboBox.addItem(_("GPU (CUDA)"), "cuda")
+        for label, value in TextSCFRegistrationLogic.deviceChoices(detectGpu):
+            comboBox.addItem(label, value)
         comboBox.blockSignals(wasBlocked)
         if self._parameterNode is not None and not self._selectComboBoxData(comboBox, self._parameterNode.device):
             self._selectComboBoxData(comboBox, "auto")
@@ -905,6 +895,27 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
     def getParameterNode(self):
         return TextSCFRegistrationParameterNode(super().getParameterNode())
+
+    @staticmethod
+    def applyState(fixedVolumeNode, movingVolumeNode, busy):
+        """(enabled, tool tip) of the Apply button: off while anything runs (package install, download,
+        registration), and until two different volumes are chosen."""
+        if busy:
+            return False, _("Running: wait for it to finish, or press Cancel.")
+        if fixedVolumeNode is None or movingVolumeNode is None:
+            return False, _("Select the fixed and moving volumes.")
+        if fixedVolumeNode == movingVolumeNode:
+            return False, _("The fixed and moving volumes must differ.")
+        return True, _("Register the moving volume to the fixed volume.")
+
+    @staticmethod
+    def deviceChoices(detectGpu):
+        """(label, value) of the devices to offer; the GPU only when asked to detect it and an installed torch sees
+        one (the widget asks again once PyTorch has been installed)."""
+        choices = [(_("Automatic"), "auto"), (_("CPU"), "cpu")]
+        if detectGpu and TextSCFRegistrationLogic.cudaAvailable():
+            choices.append((_("GPU (CUDA)"), "cuda"))
+        return choices
 
     # -- dependencies -------------------------------------------------------------------------------------------------
 
@@ -2162,8 +2173,28 @@ class TextSCFRegistrationTest(ScriptedLoadableModuleTest):
             self.scene = slicer.vtkMRMLScene()
 
     def runTest(self):
+        """Run the test, or skip it with a message where the engine's dependencies are not installed (as on a build
+        machine: the module installs them on the first Apply, after asking)."""
         self.setUp()
+        self.skipReason = self.missingDependenciesMessage()
+        if self.skipReason:
+            self.delayDisplay(self.skipReason)
+            return
         self.test_RegisterExamplePair()
+
+    @staticmethod
+    def missingDependenciesMessage():
+        """Why the test cannot run here (the missing packages and how to get them), or "" when it can."""
+        import importlib.util
+
+        missing = TextSCFRegistrationLogic.missingRequirements()
+        if importlib.util.find_spec("torch") is None:
+            missing.insert(0, "torch" + TORCH_REQUIREMENT)
+        if not missing:
+            return ""
+        return _("TextSCF self-test skipped: the registration engine needs {0}, which is not installed. Open the "
+                 "TextSCF Registration module and press Apply once (it offers to install them), then run the test "
+                 "again.").format(", ".join(missing))
 
     def test_RegisterExamplePair(self):
         self.delayDisplay("Generating the example pair")

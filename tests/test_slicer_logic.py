@@ -1011,3 +1011,39 @@ def test_switched_plan_registers_a_region_the_bundled_model_does_not_know(logic,
     assert nodes["outputTransformNode"].GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
     assert logic.lastResult.stats["checkpoint"] == "fresh"
     assert logic.lastResult.region_names[-1] == "lung"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# No freezes, no double starts; a self-test that skips where the engine cannot run
+
+
+def test_apply_is_disabled_while_anything_runs(mod, scene, fixed_node, moving_node):
+    state = mod.TextSCFRegistrationLogic.applyState
+    assert state(fixed_node, moving_node, busy=False)[0]
+    enabled, tip = state(fixed_node, moving_node, busy=True)
+    assert not enabled and "Cancel" in tip
+    assert state(fixed_node, None, busy=False) == (False, "Select the fixed and moving volumes.")
+    assert not state(fixed_node, fixed_node, busy=False)[0]
+
+
+def test_gpu_is_offered_once_torch_sees_one(mod, monkeypatch):
+    logic_class = mod.TextSCFRegistrationLogic
+    monkeypatch.setattr(logic_class, "cudaAvailable", staticmethod(lambda: True))
+    assert [v for _, v in logic_class.deviceChoices(detectGpu=True)] == ["auto", "cpu", "cuda"]
+    assert [v for _, v in logic_class.deviceChoices(detectGpu=False)] == ["auto", "cpu"]  # at setup, before torch
+    monkeypatch.setattr(logic_class, "cudaAvailable", staticmethod(lambda: False))
+    assert [v for _, v in logic_class.deviceChoices(detectGpu=True)] == ["auto", "cpu"]
+
+
+def test_self_test_skips_with_a_message_without_the_dependencies(mod, monkeypatch):
+    monkeypatch.setattr(mod.TextSCFRegistrationLogic, "missingRequirements", staticmethod(lambda: ["monai>=1.3"]))
+    shown = []
+    test = mod.TextSCFRegistrationTest()
+    monkeypatch.setattr(test, "delayDisplay", lambda message, *args, **kwargs: shown.append(message))
+    monkeypatch.setattr(test, "test_RegisterExamplePair", lambda: pytest.fail("must not run without monai"))
+    test.runTest()
+    assert shown == [test.skipReason] and "skipped" in shown[0] and "monai>=1.3" in shown[0]
+    assert "press Apply once" in shown[0]
+
+    monkeypatch.setattr(mod.TextSCFRegistrationLogic, "missingRequirements", staticmethod(lambda: []))
+    assert mod.TextSCFRegistrationTest.missingDependenciesMessage() == ""  # torch is installed here
