@@ -210,7 +210,7 @@ class TextSCFRegistration(ScriptedLoadableModule):
         self.parent.title = _("TextSCF Registration")
         self.parent.categories = ["Registration"]
         self.parent.dependencies = []
-        self.parent.contributors = ["TextSCF contributors"]
+        self.parent.contributors = ["TextSCF contributors (TextSCF project)"]
         self.parent.helpText = _("""
 Deformable registration of CT and MRI volumes with spatially covariant filters driven by text prompts
 (textSCF, Zhang et al., arXiv:2311.15607). Anatomical regions are named in plain text (a preset, or your own list);
@@ -221,6 +221,8 @@ red: expansion, green: folding) and a table of regularity and overlap measures.
 Give a fixed segmentation to use your own regions; otherwise they are segmented automatically (SwinUNETR).
 Give a moving segmentation to measure Dice and HD95 before and after registration.</p>
 <p>Try it: <i>Sample Data</i> module, <i>TextSCF</i> category, <i>TextSCFExamplePair</i>, then Apply.</p>
+<p>See more information in the <a href="https://github.com/TextSCF/SlicerTextSCF#in-3d-slicer">module
+documentation</a>.</p>
 """)
         self.parent.acknowledgementText = _("""
 Based on textSCF, Zhang et al., "Spatially covariant image registration with text prompts" (arXiv:2311.15607).

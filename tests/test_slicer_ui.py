@@ -217,7 +217,7 @@ def test_regions_table_has_two_columns(widgets):
 
 def cmake_commands(text):
     """(command, [arguments]) of a CMake file; comments dropped, quoted strings kept whole."""
-    text = re.sub(r"#[^\n]*", "", text)
+    text = re.sub(r'"[^"]*"|#[^\n]*', lambda m: m.group(0) if m.group(0).startswith('"') else "", text)
     commands = []
     for match in re.finditer(r"(\w+)\s*\(((?:[^()]|\([^()]*\))*)\)", text):
         args = re.findall(r'"[^"]*"|[^\s]+', match.group(2))
@@ -335,3 +335,42 @@ def test_enum_combo_boxes_list_the_enum_labels_in_order():
         assert widget is not None, widget_name
         items = [i.find("./property/string").text for i in widget.findall("./item")]
         assert items == [member.label() for member in enum_class], widget_name
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Extension catalog: license, screenshot, contributors, documentation
+
+
+RAW_PREFIX = "https://raw.githubusercontent.com/TextSCF/SlicerTextSCF/main/"
+
+
+def test_catalog_urls_point_to_files_in_the_repository():
+    commands = cmake_commands(TOP_CMAKE.read_text())
+    settings = {args[0]: args[1:] for c, args in commands if c == "set" and args}
+    for key in ("EXTENSION_ICONURL", "EXTENSION_SCREENSHOTURLS"):
+        for url in settings[key][0].split():
+            assert url.startswith(RAW_PREFIX), url
+            assert (ROOT / url[len(RAW_PREFIX):]).is_file(), f"{key}: {url} names no file of the repository"
+    assert "Resources/Screenshots/" in settings["EXTENSION_SCREENSHOTURLS"][0]
+
+
+def test_catalog_contributors_license_and_documentation_link():
+    import tomllib
+
+    commands = cmake_commands(TOP_CMAKE.read_text())
+    settings = {args[0]: args[1:] for c, args in commands if c == "set" and args}
+    # The extension template's form: "Name (Organization)", several separated by commas
+    for contributor in settings["EXTENSION_CONTRIBUTORS"][0].split(", "):
+        assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor), contributor
+    module = MODULE_PY.read_text()
+    assert re.search(r"self\.parent\.contributors = \[\"[^\"()]+ \([^\"()]+\)\"\]", module)
+
+    license_text = (ROOT / "LICENSE").read_text()
+    assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == {"text": "Apache-2.0"}
+
+    # The documentation link (extension homepage and module help) is the README's Slicer section
+    homepage = settings["EXTENSION_HOMEPAGE"][0]
+    assert homepage == "https://github.com/TextSCF/SlicerTextSCF#in-3d-slicer" and homepage in module
+    assert "\n## In 3D Slicer\n" in (ROOT / "README.md").read_text()
