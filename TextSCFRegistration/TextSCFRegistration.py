@@ -886,6 +886,8 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         self.cancelRequested = False
         self.lastResult = None
         self.lastNodes = None
+        # What the last process() decided for the user (a labelmap remapped by name, ...): shown in the table.
+        self.notes = []
         # Runs the engine call (a zero-argument callable); the widget replaces it with a worker-thread runner.
         self.pipelineRunner = None
 
@@ -1175,7 +1177,9 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         Returns ``(image, regionNames, labelValues)``. With ``regionNames``, segments are matched to regions by name
         (case, spaces, '_' and '-' ignored) and drawn with the region's label value (``labelValues``, default
         1..N); unmatched segments are left out. Without, the node's own regions are used (``regionsOfNode``).
-        Labelmap values are kept as they are and the labelmap is resampled (nearest neighbour) if its grid differs.
+        Labelmap values are kept as they are, unless they are another tool's (names in the labelmap's colour table, or
+        values that fit another bundled labelling scheme such as TotalSegmentator's): then they are mapped onto the
+        regions by name. The labelmap is resampled (nearest neighbour) if its grid differs.
         """
         from textscf.errors import InputError
 
@@ -1223,7 +1227,43 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             regionNames, labelValues = self.regionsOfNode(node)
         else:
             image = self._relabelByColorNames(node, image, regionNames, labelValues)
+            image = self._relabelByDetectedScheme(node, image, regionNames, labelValues)
         return image, list(regionNames), list(labelValues)
+
+    def _relabelByDetectedScheme(self, node, image, regionNames, labelValues):
+        """Map a labelmap whose values follow another bundled labelling scheme onto the regions by name.
+
+        A TotalSegmentator labelmap without names, read with the BTCV preset, would make its liver (5) the
+        "esophagus": the engine's check (``textscf.segmentation.label_scheme_check``) finds the scheme the values
+        fit instead, each of that scheme's regions gets the chosen region's value and the rest is background. The
+        change is noted in the results (``notes``). When no bundled scheme fits, the values are kept and the engine
+        refuses them with its message.
+        """
+        import SimpleITK as sitk
+
+        from textscf.presets import same_region
+        from textscf.segmentation import label_scheme_check, label_volumes_ml
+
+        problems, candidates = label_scheme_check(label_volumes_ml(image), labelValues, regionNames)
+        if not problems or not candidates:
+            return image
+        scheme = candidates[0]
+        mapping = {int(schemeValue): int(value) for name, value in zip(regionNames, labelValues)
+                   for schemeName, schemeValue in zip(scheme.region_names, scheme.label_values)
+                   if same_region(name, schemeName)}
+        if not mapping:
+            return image
+        array = sitk.GetArrayViewFromImage(image)
+        lookup = np.zeros(max(int(array.max()), max(mapping)) + 1, np.int32)
+        for source, target in mapping.items():
+            lookup[source] = target
+        relabelled = sitk.GetImageFromArray(lookup[np.clip(array, 0, None)])
+        relabelled.CopyInformation(image)
+        note = (f"labelmap '{node.GetName()}' has the label values of the '{scheme.name}' preset ({scheme.title}), "
+                f"not those of the chosen regions ({'; '.join(problems)}); its regions were mapped by name")
+        logging.warning("TextSCF: %s", note)
+        self.notes.append(note)
+        return relabelled
 
     def _relabelByColorNames(self, node, image, regionNames, labelValues):
         """Map a labelmap's values onto the regions' label values by the names in its colour table.
@@ -1697,6 +1737,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         from textscf.errors import CancelledError, InputError
 
         self.cancelRequested = False
+        self.notes = []
         startTime = time.time()
 
         def report(stage, fraction):
@@ -1758,6 +1799,8 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         result = self.pipelineRunner(runPipeline) if self.pipelineRunner is not None else runPipeline()
         if "seconds_total" not in result.stats:
             result.stats["seconds_total"] = time.time() - startTime
+        if self.notes:
+            result.stats.setdefault("notes", []).extend(self.notes)
         self.lastResult = result
 
         for node in (fixedVolumeNode, movingVolumeNode):
@@ -1991,6 +2034,8 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             rows.append(("Device note", "", nan, nan, str(stats["device_note"])))
         if stats.get("initial_alignment"):
             rows.append(("Initial alignment", "", nan, nan, str(stats["initial_alignment"])))
+        for note in stats.get("notes") or ():
+            rows.append(("Note", "", nan, nan, str(note)))
         ordered = [n for n in regionNames[1:]] if regionNames else []
         for key, measure in (("dice", "Dice"), ("hd95_mm", "HD95 (mm)")):
             after = stats.get(key) or {}

@@ -568,6 +568,33 @@ def test_labelmap_with_totalsegmentator_colour_names_is_relabelled_by_name(logic
     assert 18 in total.background_labels
 
 
+def test_labelmap_with_totalsegmentator_values_and_no_names_is_mapped_by_name(logic, scene, fixed_node):
+    """No colour names: the values themselves (liver 5, aorta 52, colon 20, vertebra 27, ...) give the scheme away."""
+    from textscf.presets import load_preset
+
+    labels = _totalsegmentator_labels()
+    labels[9, 0:3, 10:14] = 20  # colon
+    labels[9, 5:8, 12:14] = 27  # vertebra L5
+    node = add_volume(scene, labels, ijk_to_ras_of(fixed_node), "ts values", "vtkMRMLLabelMapVolumeNode")
+    preset = load_preset("abdomen-ct")
+    image, _, _ = logic.labelImageFromNode(node, fixed_node, preset.region_names, preset.label_values)
+    expected = np.zeros(labels.shape, np.int32)
+    expected[labels == 5] = 6  # TotalSegmentator's liver is the region "liver" (BTCV 6), not "esophagus" (5)
+    expected[labels == 2] = 2
+    expected[labels == 52] = 8
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), expected)
+    assert len(logic.notes) == 1 and "'totalsegmentator' preset" in logic.notes[0]
+    assert "mapped by name" in logic.notes[0]
+    rows = logic.statsRows({"notes": logic.notes})
+    assert ("Note", "", logic.notes[0]) == (rows[-1][0], rows[-1][1], rows[-1][4])
+
+    # A labelmap whose values fit the chosen regions is left alone
+    logic.notes.clear()
+    image, _, _ = logic.labelImageFromNode(node, fixed_node, ["liver", "right kidney", "aorta"], [5, 2, 52])
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(image), labels)
+    assert logic.notes == []
+
+
 def test_regions_of_segmentation_and_validation(mod, logic, scene):
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "seg")
     for name in ("lung", "heart"):  # (slicer-core registers no converter rules: AddEmptySegment fails there)
@@ -1047,3 +1074,32 @@ def test_self_test_skips_with_a_message_without_the_dependencies(mod, monkeypatc
 
     monkeypatch.setattr(mod.TextSCFRegistrationLogic, "missingRequirements", staticmethod(lambda: []))
     assert mod.TextSCFRegistrationTest.missingDependenciesMessage() == ""  # torch is installed here
+
+
+@needs_pipeline
+def test_process_with_totalsegmentator_segment_names(logic, scene, example_pair, tiny_checkpoint):
+    """Segments named as TotalSegmentator names them register exactly as the preset's own names do."""
+    from textscf.presets import load_preset
+
+    options = {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct", "init": "none"}
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"], options,
+                  fixedSegmentationNode=pair["fixedSegmentationNode"],
+                  movingSegmentationNode=pair["movingSegmentationNode"])
+    reference = logic.lastResult.stats["dice_before"]
+
+    total = load_preset("totalsegmentator")
+    totalName = {region: aliases[0] for region, aliases in zip(total.region_names, total.aliases)}
+    for key in ("fixedSegmentationNode", "movingSegmentationNode"):
+        segmentation = pair[key].GetSegmentation()
+        for n in range(segmentation.GetNumberOfSegments()):
+            segment = segmentation.GetNthSegment(n)
+            segment.SetName(totalName[segment.GetName()])
+    assert segmentation.GetNthSegment(1).GetName() in ("kidney_right", "kidney_left", "gallbladder", "liver")
+    pair["movingVolumeNode"].SetAndObserveTransformNodeID(None)
+    pair["movingSegmentationNode"].SetAndObserveTransformNodeID(None)
+    logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"], options,
+                  fixedSegmentationNode=pair["fixedSegmentationNode"],
+                  movingSegmentationNode=pair["movingSegmentationNode"])
+    assert logic.lastResult.stats["dice_before"] == reference
+    assert set(reference) >= {"liver", "right kidney", "portal and splenic vein"}

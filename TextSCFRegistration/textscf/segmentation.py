@@ -269,9 +269,17 @@ def _remap(array: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, np.nda
 _MIN_UNKNOWN_FOR_SCHEME = 3
 
 
-def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[int],
-                       region_names: Sequence[str]) -> None:
-    """Refuse a label map whose values do not mean the regions they are read as; silent when they fit.
+def label_volumes_ml(label_map: sitk.Image) -> dict[int, float]:
+    """{label value: volume in mL} of the non-zero values of an integer label map."""
+    array = sitk.GetArrayViewFromImage(label_map)
+    values, counts = np.unique(array, return_counts=True)
+    voxel_ml = float(np.prod(label_map.GetSpacing())) / 1000.0
+    return {int(v): float(c) * voxel_ml for v, c in zip(values, counts) if v != 0}
+
+
+def label_scheme_check(volumes_ml: Mapping[int, float], label_values: Sequence[int],
+                       region_names: Sequence[str]) -> tuple[list[str], list]:
+    """Whether a label map's values mean the regions they are read as: ``(problems, schemes that fit instead)``.
 
     Two independent checks, both from the presets' data (:mod:`textscf.presets`):
 
@@ -285,19 +293,20 @@ def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[i
     Args:
         volumes_ml: {label value present in the map: its volume in mL} (0 is ignored).
         label_values, region_names: the regions the map is read as (``label_values[i]`` is ``region_names[i]``).
-    Raises:
-        InputError naming the implausible regions or the scheme the values follow, and the fix.
+    Returns:
+        The problems (empty when the map fits) and the bundled presets (labelling schemes) under which the map is
+        plausible instead, best first (a map following one of them can be remapped by region name).
     """
     from textscf import presets
 
     present = {int(v): float(ml) for v, ml in volumes_ml.items() if int(v) != 0}
     given = dict(zip((int(v) for v in label_values), region_names))
-    too_big = []
+    problems = []
     for value, name in given.items():
         limit = presets.max_volume_ml(name)
         if limit is not None and present.get(value, 0.0) > limit:
-            too_big.append(f"label {value} read as {name!r} covers {present[value]:.0f} mL, more than any "
-                           f"{name} ({limit:.0f} mL at most)")
+            problems.append(f"label {value} read as {name!r} covers {present[value]:.0f} mL, more than any "
+                            f"{name} ({limit:.0f} mL at most)")
     unknown = sorted(set(present) - set(given))
 
     def agrees(scheme) -> bool:
@@ -316,17 +325,31 @@ def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[i
     explaining = presets.schemes_explaining(present)
     wrong_scheme = (len(unknown) >= _MIN_UNKNOWN_FOR_SCHEME and bool(explaining)
                     and not any(agrees(scheme) for scheme in explaining))
-    if not too_big and not wrong_scheme:
-        return
+    if not problems and not wrong_scheme:
+        return [], []
     candidates = [scheme for scheme in explaining if plausible(scheme) and not agrees(scheme)]
-    problems = list(too_big)
     if wrong_scheme:
         shown = ", ".join(candidates[0].describe_label(v) if candidates else str(v) for v in unknown[:8])
         problems.append(f"{len(unknown)} label values have no region ({shown}"
                         + (" ..." if len(unknown) > 8 else "") + ")")
+    return problems, candidates
+
+
+def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[int],
+                       region_names: Sequence[str]) -> None:
+    """Refuse a label map whose values do not mean the regions they are read as (:func:`label_scheme_check`);
+    silent when they fit.
+
+    Raises:
+        InputError naming the implausible regions or the scheme the values follow, and the fix.
+    """
+    problems, candidates = label_scheme_check(volumes_ml, label_values, region_names)
+    if not problems:
+        return
     if candidates:
         best = candidates[0]
-        examples = ", ".join(best.describe_label(v) for v in sorted(given) if v in present)
+        examples = ", ".join(best.describe_label(v) for v in sorted({int(v) for v in label_values})
+                             if volumes_ml.get(v))
         fix = (f"its values fit the {best.name!r} preset ({best.title}), where they mean {examples}. "
                f"Fix: register with that preset (--preset {best.name}; in 3D Slicer choose it in the Regions "
                "section), which maps the regions by name.")
