@@ -146,6 +146,9 @@ REFINE_SECONDS_PER_VOXEL_CPU = 1.3e-6
 FIELD_ITERATION_COST = 0.2
 GPU_SPEEDUP = 20.0
 
+# Checkpoint configurations already read: (path, mtime, size) -> config dict.
+_MODEL_CONFIGS = {}
+
 EXAMPLE_PAIR_SAMPLE_NAME = "TextSCFExamplePair"
 SEGMENT_COLORS = (
     (0.90, 0.35, 0.30), (0.30, 0.65, 0.90), (0.95, 0.80, 0.25), (0.45, 0.80, 0.40), (0.75, 0.45, 0.85),
@@ -1581,16 +1584,22 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
     def modelConfig(checkpoint=None):
         """The configuration (a dict: regions, text encoder, modality, grid) of a checkpoint; None = the bundled model.
 
-        Needs PyTorch (the checkpoint is a torch file); reads the file without building the network.
+        Needs PyTorch (the checkpoint is a torch file); reads the file without building the network, once per file
+        version (the widget asks on every change of the regions).
         """
         from textscf.checkpoint import read_checkpoint_file
         from textscf.errors import CheckpointError
         from textscf.pipeline import bundled_model_path
 
-        path = checkpoint or bundled_model_path()
+        path = os.path.abspath(str(checkpoint or bundled_model_path()))
+        stat = os.stat(path) if os.path.isfile(path) else None
+        key = (path, stat.st_mtime_ns, stat.st_size) if stat else None
+        if key is not None and key in _MODEL_CONFIGS:
+            return _MODEL_CONFIGS[key]
         payload = read_checkpoint_file(path)
         if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
             raise CheckpointError(f"{path} is not a textscf checkpoint (no configuration in it)")
+        _MODEL_CONFIGS[key] = payload["config"]
         return payload["config"]
 
     @staticmethod
