@@ -28,7 +28,7 @@ SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 
 def _range_text(low, high) -> str:
-    return f">= {low:g}" if high is None else f"between {low:g} and {high:g}"
+    return f">= {low}" if high is None else f"between {low} and {high}"
 
 
 def int_option(low: int, high: int | None = None, what: str = "a whole number") -> Callable[[str], int]:

@@ -130,9 +130,9 @@ def check_input_path(path: str | os.PathLike, role: str, what: str = "file", fol
 
     Special files (FIFOs, sockets, devices) are refused before anything opens them.
     """
-    path = Path(path)
-    if not str(path).strip():
+    if not str(path).strip():  # before Path(): Path("") is the current folder
         raise error(f"{role}: the path is empty. Fix: give the path of the {what}.")
+    path = Path(path)
     try:
         kind = special_file_kind(path)
     except FileNotFoundError:
@@ -292,7 +292,7 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
     Raises:
         InputError: missing / unreadable file, not 3-D, several components, empty, NaN or Inf voxels, constant.
     """
-    path = Path(path)
+    path = check_input_path(path, role, folder_ok=True)
     img = _read_sitk_image(path, role)
     _check_3d_scalar(img, path, role)
     try:
@@ -396,7 +396,7 @@ def read_label_map(path: str | os.PathLike, reference: sitk.Image | None = None,
         InputError: missing / unreadable, not 3-D scalar, empty, non-finite, non-integer or negative values,
             or a grid different from ``reference``'s.
     """
-    path = Path(path)
+    path = check_input_path(path, role, folder_ok=True)
     img = _read_sitk_image(path, role)
     _check_3d_scalar(img, path, role)
     if "complex" in img.GetPixelIDTypeAsString():
