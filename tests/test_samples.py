@@ -169,7 +169,8 @@ def test_demo_sample_end_to_end(tmp_path, monkeypatch, capsys):
     captured = capsys.readouterr()
     assert code == EXIT_OK, captured.err
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "report.json", "initial_transform.tfm", "qc.png"])
+        ["displacement.nii.gz", "warped.nii.gz", "jacobian.nii.gz", "report.json", "initial_transform.tfm", "qc.png",
+         "textscf-manifest.json"])
     assert (cache / "samples" / "CTLiver.nrrd").is_file()
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["inputs"]["licence"] == "CC BY-SA 4.0"
