@@ -302,8 +302,9 @@ if parameterNodeWrapper is not None:
     class TextSCFRegistrationParameterNode:
         """Everything the GUI lets the user choose; saved with the scene.
 
-        ``preset``, ``regionsJson``, ``device`` and ``modelPath`` are kept in sync by the widget itself (they have no
-        one-to-one widget connector); the rest is connected through the ``SlicerParameterName`` property in the .ui.
+        ``preset``, ``regionsJson``, ``device``, ``modelPath`` and ``segmentorWeights`` are kept in sync by the widget
+        itself (they have no one-to-one widget connector); the rest is connected through the ``SlicerParameterName``
+        property in the .ui.
         """
 
         fixedVolume: vtkMRMLScalarVolumeNode
@@ -332,6 +333,7 @@ if parameterNodeWrapper is not None:
         regionsJson: str = ""
         device: str = "auto"
         modelPath: str = ""
+        segmentorWeights: str = ""
 
 
 #
@@ -394,6 +396,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.regionsTableWidget.connect("itemChanged(QTableWidgetItem*)", self.onRegionsTableEdited)
         self.ui.deviceComboBox.connect("currentIndexChanged(int)", self.onDeviceChanged)
         self.ui.modelPathLineEdit.connect("currentPathChanged(QString)", self.onModelPathChanged)
+        self.ui.segmentorWeightsPathLineEdit.connect("currentPathChanged(QString)", self.onSegmentorWeightsChanged)
         self.ui.modelSourceComboBox.connect("currentIndexChanged(int)", self._updateModelSourceWidgets)
 
         self.initializeParameterNode()
@@ -454,6 +457,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 self._selectComboBoxData(self.ui.deviceComboBox, "auto")
             if self.ui.modelPathLineEdit.currentPath != p.modelPath:
                 self.ui.modelPathLineEdit.currentPath = p.modelPath
+            if self.ui.segmentorWeightsPathLineEdit.currentPath != p.segmentorWeights:
+                self.ui.segmentorWeightsPathLineEdit.currentPath = p.segmentorWeights
             self._updateModelSourceWidgets()
         finally:
             self._updatingGui = False
@@ -645,6 +650,30 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         if not self._updatingGui and self._parameterNode is not None:
             self._parameterNode.modelPath = path
 
+    def onSegmentorWeightsChanged(self, path):
+        if not self._updatingGui and self._parameterNode is not None:
+            self._parameterNode.segmentorWeights = path
+
+    def _segmentorWeightsForApply(self):
+        """Weights for the automatic segmentation when no fixed segmentation is given: the user's, else MONAI's
+        BTCV bundle from the cache, downloaded once (worker thread) after the user agrees. None: the user declined."""
+        p = self._parameterNode
+        if p.fixedSegmentation is not None:
+            return ""
+        if p.segmentorWeights:
+            return p.segmentorWeights
+        bundle = self.logic.cachedSegmentorBundle()
+        if bundle:
+            return bundle
+        if not slicer.util.confirmOkCancelDisplay(
+                _("No fixed segmentation is selected, so TextSCF segments both volumes automatically with MONAI's "
+                  "SwinUNETR BTCV model (13 abdominal organs). Download it now (about 250 MB, once)?\n\nOr cancel "
+                  "and select a fixed segmentation, or point 'Segmentor weights' to weights on this computer."),
+                windowTitle=_("TextSCF automatic segmentation")):
+            return None
+        self._onProgress(_("Downloading the segmentation model"), 0.0)
+        return self._runInWorkerThread(self.logic.downloadSegmentorBundle)
+
     def _updateModelSourceWidgets(self, index=None):
         if self._parameterNode is None:
             return
@@ -794,6 +823,12 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             self._populateDeviceComboBox(detectGpu=True)
             p = self._parameterNode
             options = self._optionsFromGui()
+            weights = self._segmentorWeightsForApply()
+            if weights is None:
+                self.ui.statusLabel.text = _("Not started: select a fixed segmentation or segmentor weights.")
+                return
+            if weights:
+                options["segmentor_weights"] = weights
             plan = self.logic.modelPlan(options, p.fixedVolume, torchAvailable=True)
             self.ui.modelPlanLabel.text = plan["message"]
             if plan["switched"]:
@@ -812,6 +847,11 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                 p.outputTransform = nodes["outputTransformNode"]
                 p.jacobianVolume = nodes["jacobianVolumeNode"]
                 p.statsTable = nodes["statsTableNode"]
+                # Automatic segmentations become the inputs: inspect, correct, Apply again.
+                if nodes.get("fixedSegmentationNode") is not None:
+                    p.fixedSegmentation = nodes["fixedSegmentationNode"]
+                if nodes.get("movingSegmentationNode") is not None:
+                    p.movingSegmentation = nodes["movingSegmentationNode"]
             self.ui.progressBar.setValue(100)
             self.ui.statusLabel.text = self.logic.summary()
         except CancelledError:
@@ -1121,6 +1161,27 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                                   f"{digest}: the file is corrupted or not the one expected")
         os.replace(partial, path)
         return path
+
+    @staticmethod
+    def segmentorBundleFolder():
+        """Where MONAI's BTCV SwinUNETR bundle is kept (the module's cache folder, ``models``)."""
+        from textscf.segmentation import BTCV_BUNDLE_NAME
+
+        return os.path.join(TextSCFRegistrationLogic.defaultCacheFolder(), "models", BTCV_BUNDLE_NAME)
+
+    @staticmethod
+    def cachedSegmentorBundle():
+        """The BTCV bundle folder when it was downloaded before (it has models/model.pt), else ""."""
+        folder = TextSCFRegistrationLogic.segmentorBundleFolder()
+        return folder if os.path.isfile(os.path.join(folder, "models", "model.pt")) else ""
+
+    @staticmethod
+    def downloadSegmentorBundle():
+        """Download MONAI's BTCV SwinUNETR bundle into the cache (needs internet); returns its folder. Touches no Qt
+        or MRML object: the widget runs it on its worker thread."""
+        from textscf.segmentation import download_btcv_bundle
+
+        return str(download_btcv_bundle(os.path.dirname(TextSCFRegistrationLogic.segmentorBundleFolder())))
 
     # -- regions ------------------------------------------------------------------------------------------------------
 
@@ -1727,7 +1788,10 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` with the engine and put the results in the scene.
 
         :param options: ``textscf.pipeline.RegistrationOptions``, a dict of its fields, or None (defaults).
-        :param fixedSegmentationNode: segmentation or labelmap giving the fixed regions (otherwise SwinUNETR).
+        :param fixedSegmentationNode: segmentation or labelmap giving the fixed regions. Without it, and with
+            ``segmentor_weights`` in the options, both volumes are segmented automatically (SwinUNETR, see
+            ``segmentVolumes``): the segmentations appear in the scene as segmentation nodes (returned as
+            ``fixedSegmentationNode`` and ``movingSegmentationNode``) to inspect, correct and give back.
         :param movingSegmentationNode: segmentation or labelmap of the moving volume, for Dice/HD95.
         :param initialTransformNode: transform that aligns the moving volume to the fixed one (optional).
         :param outputTransformNode: transform node to fill (created when None).
@@ -1788,6 +1852,12 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         if movingSegmentationNode is not None:
             movingLabels, names, values = self.labelImageFromNode(movingSegmentationNode, movingVolumeNode, names,
                                                                   values)
+        autoSegment = fixedSegmentationNode is None and bool(options.segmentor_weights)
+        if autoSegment and names is None:
+            from textscf.segmentation import btcv_bundle_region_names
+
+            names = btcv_bundle_region_names()
+            values = list(range(1, len(names) + 1))
         if options.region_names is None and options.preset is None and names is not None:
             options = dataclasses.replace(options, region_names=list(names), label_values=list(values))
         initialTransform = None
@@ -1796,34 +1866,116 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
         if isCancelled():
             raise CancelledError("registration cancelled before it started")
-        report(_("Loading the engine"), 0.03)
-        from textscf.pipeline import register
+        nodeIdsBefore = _nodeIds(scene)
+        try:
+            nodes = {}
+            if autoSegment:
+                images = [fixed] if movingSegmentationNode is not None else [fixed, moving]
+                labelImages = self._run(lambda: self.segmentVolumes(
+                    images, names, values, options.segmentor_weights, options.segmentor_feature_size,
+                    options.device, progressCallback=lambda stage, fraction: report(stage, 0.01 + 0.04 * fraction),
+                    cancelCallback=isCancelled))
+                fixedLabels = labelImages[0]
+                nodes["fixedSegmentationNode"] = self._segmentationNodeFor(fixedLabels, fixedVolumeNode, names,
+                                                                           values)
+                if movingSegmentationNode is None:
+                    movingLabels = labelImages[1]
+                    movingSegmentationNode = self._segmentationNodeFor(movingLabels, movingVolumeNode, names,
+                                                                       values)
+                    nodes["movingSegmentationNode"] = movingSegmentationNode
+            report(_("Loading the engine"), 0.05)
+            from textscf.pipeline import register
 
-        def runPipeline():
-            return register(fixed, moving, options, fixed_labels=fixedLabels, moving_labels=movingLabels,
-                            initial_transform=initialTransform,
-                            progress=lambda stage, fraction: report(stage, 0.05 + 0.85 * fraction),
-                            cancel=isCancelled)
+            def runPipeline():
+                return register(fixed, moving, options, fixed_labels=fixedLabels, moving_labels=movingLabels,
+                                initial_transform=initialTransform,
+                                progress=lambda stage, fraction: report(stage, 0.05 + 0.85 * fraction),
+                                cancel=isCancelled)
 
-        result = self.pipelineRunner(runPipeline) if self.pipelineRunner is not None else runPipeline()
+            result = self._run(runPipeline)
+        except BaseException:
+            _removeNewNodes(scene, nodeIdsBefore)  # the automatic segmentations, if any
+            raise
         if "seconds_total" not in result.stats:
             result.stats["seconds_total"] = time.time() - startTime
         if self.notes:
             result.stats.setdefault("notes", []).extend(self.notes)
         self.lastResult = result
 
-        for node in (fixedVolumeNode, movingVolumeNode):
-            if node.GetScene() is not scene:
-                raise InputError(f"volume '{node.GetName()}' was removed from the scene during the registration")
-        nodes = self.createOutputNodes(
-            result, fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
-            outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode, statsTableNode=statsTableNode,
-            movingSegmentationNode=movingSegmentationNode, showDisplacementMagnitude=showDisplacementMagnitude,
-            progressCallback=lambda stage, fraction: report(stage, 0.9 + 0.1 * fraction), cancelCallback=isCancelled)
+        try:
+            for node in (fixedVolumeNode, movingVolumeNode):
+                if node.GetScene() is not scene:
+                    raise InputError(f"volume '{node.GetName()}' was removed from the scene during the registration")
+            nodes.update(self.createOutputNodes(
+                result, fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
+                outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode,
+                statsTableNode=statsTableNode, movingSegmentationNode=movingSegmentationNode,
+                showDisplacementMagnitude=showDisplacementMagnitude,
+                progressCallback=lambda stage, fraction: report(stage, 0.9 + 0.1 * fraction),
+                cancelCallback=isCancelled))
+        except BaseException:
+            _removeNewNodes(scene, nodeIdsBefore)
+            raise
+        self.lastNodes = nodes
         if showResult:
             self.showResults(nodes, fixedVolumeNode)
         report(_("Done"), 1.0)
         return nodes
+
+    def _run(self, call):
+        """Run an engine call (touches no MRML node) through ``pipelineRunner`` (the widget's worker thread)."""
+        return self.pipelineRunner(call) if self.pipelineRunner is not None else call()
+
+    # Keyword arguments for the SwinUNETR segmentor beyond weights and feature size (roi_size, target_spacing,
+    # overlap, ...); empty = MONAI's BTCV settings.
+    segmentorSettings = {}
+
+    def segmentVolumes(self, images, regionNames, labelValues, weights, featureSize=48, device="auto",
+                       progressCallback=None, cancelCallback=None):
+        """Segment images (SimpleITK) with SwinUNETR; returns one label map per image, with the regions' values.
+
+        The network's classes are those of MONAI's BTCV bundle (``btcv_bundle_region_names``); each class named as
+        a region (aliases resolved) gets the region's label value, other classes are background, regions the
+        network does not segment stay empty. Touches no MRML node: the widget runs it on its worker thread.
+        """
+        import SimpleITK as sitk
+
+        from textscf.errors import CancelledError
+        from textscf.pipeline import select_device
+        from textscf.presets import same_region
+        from textscf.segmentation import SwinUNETRSegmentor, btcv_bundle_region_names
+
+        classes = btcv_bundle_region_names()
+        lookup = np.zeros(len(classes) + 1, np.int32)
+        for index, className in enumerate(classes, start=1):
+            for name, value in zip(regionNames, labelValues):
+                if same_region(name, className):
+                    lookup[index] = int(value)
+        torchDevice, _note = select_device(device)
+        segmentor = SwinUNETRSegmentor(weights, classes, feature_size=int(featureSize), device=str(torchDevice),
+                                       **dict(self.segmentorSettings))
+        labelImages = []
+        for number, image in enumerate(images):
+            if cancelCallback is not None and cancelCallback():
+                raise CancelledError("registration cancelled during the automatic segmentation")
+            if progressCallback is not None:
+                progressCallback(_("Segmenting the fixed image") if number == 0 else _("Segmenting the moving image"),
+                                 number / len(images))
+            segmentation = segmentor.predict(image)
+            labels = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(segmentation.labels)])
+            labels.CopyInformation(image)
+            labelImages.append(labels)
+        return labelImages
+
+    def _segmentationNodeFor(self, labelImage, volumeNode, regionNames, labelValues):
+        """A new segmentation node in the scene holding an automatic segmentation of ``volumeNode``."""
+        scene = volumeNode.GetScene()
+        node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
+                                       scene.GenerateUniqueName(f"{volumeNode.GetName()} TextSCF segmentation"))
+        node.CreateDefaultDisplayNodes()
+        self.sitkToSegmentationNode(labelImage, node, regionNames, labelValues, volumeNode)
+        node.SetAttribute("TextSCF.Output", "automatic segmentation")
+        return node
 
     def createOutputNodes(self, result, fixedVolumeNode, movingVolumeNode, outputTransformNode=None,
                           outputVolumeNode=None, jacobianVolumeNode=None, statsTableNode=None,

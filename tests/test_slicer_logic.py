@@ -1103,3 +1103,104 @@ def test_process_with_totalsegmentator_segment_names(logic, scene, example_pair,
                   movingSegmentationNode=pair["movingSegmentationNode"])
     assert logic.lastResult.stats["dice_before"] == reference
     assert set(reference) >= {"liver", "right kidney", "portal and splenic vein"}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Automatic segmentation of both images
+
+
+@pytest.fixture(scope="module")
+def random_swin_weights(tmp_path_factory):
+    """A random-init SwinUNETR (tiny, 14 classes as MONAI's BTCV bundle) standing in for the bundle. Its background
+    logit is raised so that the 'organs' it finds (noise, from random weights) stay small."""
+    import torch
+    from monai.networks.nets import SwinUNETR
+
+    torch.manual_seed(0)
+    net = SwinUNETR(in_channels=1, out_channels=14, feature_size=12)
+    with torch.no_grad():
+        net.out.conv.conv.bias.zero_()
+        net.out.conv.conv.bias[0] = 6.0
+    path = tmp_path_factory.mktemp("swin") / "swin_random.pt"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+FAST_SEGMENTOR = {"roi_size": (64, 64, 64), "target_spacing": (6.0, 6.0, 6.0), "overlap": 0.0}
+
+
+@needs_pipeline
+def test_apply_without_segmentations_segments_both_images(logic, scene, example_pair, tiny_checkpoint,
+                                                          random_swin_weights):
+    from textscf.presets import load_preset
+
+    logic.segmentorSettings = FAST_SEGMENTOR
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    fixed, moving = pair["fixedVolumeNode"], pair["movingVolumeNode"]
+    for key in ("fixedSegmentationNode", "movingSegmentationNode"):  # two plain volumes, as a clinician has them
+        scene.RemoveNode(pair[key])
+    stages = []
+    nodes = logic.process(fixed, moving, {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct",
+                                          "segmentor_weights": random_swin_weights, "segmentor_feature_size": 12},
+                          progressCallback=lambda stage, fraction: stages.append((stage, fraction)))
+    assert "Segmenting the fixed image" in [s for s, _ in stages] and "Segmenting the moving image" in [
+        s for s, _ in stages]
+    fractions = [f for _, f in stages]
+    assert fractions == sorted(fractions)
+
+    organs = set(load_preset("abdomen-ct").region_names)
+    for key, volume in (("fixedSegmentationNode", fixed), ("movingSegmentationNode", moving)):
+        node = nodes[key]
+        assert node.IsA("vtkMRMLSegmentationNode") and node.GetScene() is scene
+        assert node.GetName() == f"{volume.GetName()} TextSCF segmentation"
+        segmentation = node.GetSegmentation()
+        names = {segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())}
+        assert names and names <= organs
+    transform = nodes["outputTransformNode"]
+    assert transform.GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
+    assert moving.GetTransformNodeID() == transform.GetID()
+    assert nodes["movingSegmentationNode"].GetTransformNodeID() == transform.GetID()  # warped segmentation shown
+    assert nodes["jacobianVolumeNode"].GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
+    rows = table_rows(nodes["statsTableNode"])
+    assert [r for r in rows if r[0] == "Dice" and r[1] == "mean"], "organ overlap is scored"
+
+    # The user's corrections come back: the automatic segmentations are ordinary inputs
+    moving.SetAndObserveTransformNodeID(None)
+    nodes["movingSegmentationNode"].SetAndObserveTransformNodeID(None)
+    again = logic.process(fixed, moving, {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
+                          fixedSegmentationNode=nodes["fixedSegmentationNode"],
+                          movingSegmentationNode=nodes["movingSegmentationNode"])
+    assert "fixedSegmentationNode" not in again
+
+
+@needs_pipeline
+def test_cancel_during_automatic_segmentation_leaves_the_scene_unchanged(logic, scene, example_pair,
+                                                                        tiny_checkpoint, random_swin_weights):
+    logic.segmentorSettings = FAST_SEGMENTOR
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    for key in ("fixedSegmentationNode", "movingSegmentationNode"):
+        scene.RemoveNode(pair[key])
+    before = node_ids(scene)
+    stages = []
+
+    def cancel():
+        return any(stage == "Segmenting the moving image" for stage, _ in stages)
+
+    with pytest.raises(CancelledError):
+        logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                      {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct",
+                       "segmentor_weights": random_swin_weights, "segmentor_feature_size": 12},
+                      progressCallback=lambda stage, fraction: stages.append((stage, fraction)),
+                      cancelCallback=cancel)
+    assert node_ids(scene) == before
+
+
+def test_segmentor_bundle_is_found_in_the_cache_once_downloaded(mod, tmp_path, monkeypatch):
+    logic_class = mod.TextSCFRegistrationLogic
+    monkeypatch.setattr(logic_class, "defaultCacheFolder", staticmethod(lambda: str(tmp_path)))
+    folder = Path(logic_class.segmentorBundleFolder())
+    assert folder == tmp_path / "models" / "swin_unetr_btcv_segmentation"
+    assert logic_class.cachedSegmentorBundle() == ""  # the widget then asks before downloading
+    (folder / "models").mkdir(parents=True)
+    (folder / "models" / "model.pt").write_bytes(b"weights")
+    assert logic_class.cachedSegmentorBundle() == str(folder)

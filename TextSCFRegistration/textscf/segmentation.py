@@ -32,6 +32,15 @@ BACKGROUND = "background"
 BTCV_BUNDLE_NAME = "swin_unetr_btcv_segmentation"
 
 
+def btcv_bundle_region_names() -> list[str]:
+    """The foreground classes of MONAI's BTCV SwinUNETR bundle, in channel order: BTCV labels 1..13, named as the
+    ``abdomen-ct`` preset names them."""
+    from textscf.presets import load_preset
+
+    preset = load_preset("abdomen-ct")
+    return [name for _, name in sorted(zip(preset.label_values, preset.region_names))]
+
+
 _INTEGER_PIXEL_IDS = {
     sitk.sitkUInt8, sitk.sitkInt8, sitk.sitkUInt16, sitk.sitkInt16,
     sitk.sitkUInt32, sitk.sitkInt32, sitk.sitkUInt64, sitk.sitkInt64,
