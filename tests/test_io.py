@@ -465,3 +465,186 @@ def test_real_files_pass_the_checks(shared_data):
     with pytest.raises(InputError, match=r"not on the voxel grid of the image: size \(160, 192, 144\) vs "
                                          r"\(122, 101, 112\)"):
         tio.read_label_map(pair / "image_B_160x192x144_seg.nii.gz", ct)
+
+
+# ------------------------------------------------------------------------------------------- issue 12: validation
+def test_special_files_are_refused_before_they_are_opened(tmp_path):
+    fifo = tmp_path / "pipe.nii.gz"
+    os.mkfifo(fifo)
+    assert tio.special_file_kind(fifo) == "a named pipe (FIFO)"
+    assert tio.special_file_kind(tmp_path) == "a folder"
+    with pytest.raises(InputError, match=r"moving image: .*pipe\.nii\.gz' is a named pipe \(FIFO\).*Fix"):
+        tio.read_image(fifo, role="moving image")  # returns at once: opening it would block
+    with pytest.raises(InputError, match="named pipe"):
+        tio.read_label_map(fifo)
+    with pytest.raises(InputError, match="named pipe"):
+        tio.read_transform(fifo)
+    with pytest.raises(InputError, match="is a folder"):
+        tio.read_transform(tmp_path)
+    with pytest.raises(InputError, match="the path is empty"):
+        tio.read_image("")  # not the current folder
+
+
+def test_truncated_nifti_label_maps_are_refused_like_images(tmp_path):
+    labels = np.zeros((20, 18, 16), np.uint8)
+    labels[3:15, 4:12, 2:14] = 6
+    full = tmp_path / "full.nii.gz"
+    sitk.WriteImage(image(labels), str(full))
+    data = full.read_bytes()
+    for name, payload in (("cut.nii.gz", data[: len(data) * 9 // 10]),
+                          ("cut.nii", gzip.decompress(data)[:-500])):
+        (tmp_path / name).write_bytes(payload)
+        # ITK alone reads it without a word (the missing voxels become 0)
+        assert sitk.ReadImage(str(tmp_path / name)).GetSize() == (20, 18, 16)
+        with pytest.raises(InputError, match=r"fixed label map: .*is truncated or damaged.*Fix: copy"):
+            tio.read_label_map(tmp_path / name)
+        with pytest.raises(InputError, match="truncated"):
+            tio.read_image(tmp_path / name)
+
+
+def test_truncated_metaimage_says_truncated(tmp_path):
+    full = tmp_path / "full.mha"
+    sitk.WriteImage(image(np.random.rand(20, 18, 16).astype(np.float32)), str(full), useCompression=True)
+    (tmp_path / "cut.mha").write_bytes(full.read_bytes()[:3000])
+    with pytest.raises(InputError) as e:
+        tio.read_image(tmp_path / "cut.mha")
+    assert "truncated or damaged" in str(e.value) and "No such file" not in str(e.value)
+
+
+def test_zero_spacing_in_a_nifti_header_is_refused(tmp_path):
+    nii = nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0]))
+    raw = tmp_path / "a.nii"
+    nib.save(nii, raw)
+    data = bytearray(raw.read_bytes())
+    data[84:88] = np.float32(0.0).tobytes()  # pixdim[2]
+    (tmp_path / "zero.nii").write_bytes(bytes(data))
+    assert sitk.ReadImage(str(tmp_path / "zero.nii")).GetSpacing()[1] != 0  # ITK quietly invents a spacing
+    with pytest.raises(InputError, match=r"pixdim\) \(2, 0, 2\) mm: 0 is not a spacing.*Fix"):
+        tio.read_image(tmp_path / "zero.nii")
+
+
+@pytest.mark.parametrize("spacing, direction, words", [
+    ((1e6, 1.0, 1.0), None, ["not physical", "0.001 to 100 mm", "Fix"]),
+    ((1e-6, 1.0, 1.0), None, ["not physical", "millimetres"]),
+    ((1.0, 1.0, 1.0), (1, 0.5, 0, 0, 1, 0, 0, 0, 1), ["sheared", "(1, 0.5, 0, 0, 1, 0, 0, 0, 1)", "Fix: resample"]),
+    ((1.0, 1.0, 1.0), (2, 0, 0, 0, 1, 0, 0, 0, 1), ["column lengths 2, 1, 1", "rotation"]),
+])
+def test_non_physical_geometry_is_refused(tmp_path, spacing, direction, words):
+    img = image(np.random.rand(10, 10, 10).astype(np.float32), spacing=spacing)
+    if direction is not None:
+        img.SetDirection(direction)
+    path = tmp_path / "g.mha"
+    sitk.WriteImage(img, str(path))
+    with pytest.raises(InputError) as e:
+        tio.read_image(path)
+    for word in words:
+        assert word in str(e.value)
+    with pytest.raises(InputError):
+        tio.check_geometry(img, "the fixed image")  # the same check for images that never were files
+    tio.check_geometry(image(np.zeros((4, 4, 4)), direction=oblique_direction()), "a rotated image")
+
+
+def test_nearly_empty_image_is_refused(tmp_path):
+    arr = np.zeros((20, 20, 20), np.float32)
+    arr[3, 4, 5] = 100.0
+    path = tmp_path / "one.nii.gz"
+    sitk.WriteImage(image(arr), str(path))
+    with pytest.raises(InputError, match=r"moving image: .*nearly empty: only 1 of 8000 voxels.*Fix"):
+        tio.read_image(path, role="moving image")
+    arr[:5] = 50.0  # a real structure: accepted
+    sitk.WriteImage(image(arr), str(path))
+    assert tio.read_image(path).GetSize() == (20, 20, 20)
+
+
+def test_grid_mismatch_prints_plain_numbers():
+    a = image(np.zeros((4, 4, 4)))
+    b = image(np.zeros((4, 4, 4)), spacing=(2.0, 1.5, 2.0), origin=(12.5, -20.0, 30.0))
+    text = "; ".join(tio.grid_mismatch(a, b))
+    assert "spacing (2, 1.5, 2) vs (1, 1.5, 2) mm" in text and "origin (12.5, -20, 30)" in text
+    assert "np." not in text
+
+
+# ------------------------------------------------------------------------------------------- inputs and manifests
+def test_same_file_sees_links(tmp_path):
+    a = tmp_path / "a.txt"
+    a.write_text("x")
+    os.link(a, tmp_path / "hard.txt")
+    os.symlink(a, tmp_path / "soft.txt")
+    (tmp_path / "copy.txt").write_text("x")
+    assert tio.same_file(a, tmp_path / "hard.txt") and tio.same_file(a, tmp_path / "soft.txt")
+    (tmp_path / "sub").mkdir()
+    assert tio.same_file(a, tmp_path / "sub" / ".." / "a.txt")
+    assert not tio.same_file(a, tmp_path / "copy.txt") and not tio.same_file(a, tmp_path / "missing.txt")
+
+
+def test_output_folder_never_replaces_an_input(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    moving = out / "warped.nii.gz"
+    moving.write_text("the moving image")
+    elsewhere = tmp_path / "labels.nii.gz"
+    elsewhere.write_text("labels")
+    os.link(elsewhere, out / "jacobian.nii.gz")
+    for inputs, words in (({"moving image": moving}, "is the moving image"),
+                          ({"moving label map": elsewhere}, "through a link")):
+        with pytest.raises(OutputError) as e:
+            with tio.OutputFolder(out, overwrite=True, names=["warped.nii.gz", "jacobian.nii.gz"], inputs=inputs):
+                raise AssertionError("the block must not run")
+        assert words in str(e.value) and "Fix: choose another output folder" in str(e.value)
+    assert moving.read_text() == "the moving image" and elsewhere.read_text() == "labels"
+    # an undeclared name is checked when first used
+    with pytest.raises(OutputError, match="is the moving image"):
+        with tio.OutputFolder(out, overwrite=True, inputs={"moving image": moving}) as folder:
+            folder.write_text("warped.nii.gz", "x")
+    assert moving.read_text() == "the moving image"
+
+
+def test_manifest_replaces_the_previous_run_as_a_whole(tmp_path):
+    out = tmp_path / "out"
+    with tio.OutputFolder(out, names=["a.txt", "old.txt"], manifest=tio.MANIFEST_NAME) as folder:
+        folder.write_text("a.txt", "1")
+        folder.write_text("old.txt", "1")
+    assert listing(out) == ["a.txt", "old.txt", tio.MANIFEST_NAME]
+    # without overwrite, the previous run is refused even when no name clashes
+    with pytest.raises(OutputError, match="previous run.*--overwrite"):
+        with tio.OutputFolder(out, names=["b.txt"], manifest=tio.MANIFEST_NAME):
+            pass
+    # a failing new run changes nothing
+    with pytest.raises(RuntimeError):
+        with tio.OutputFolder(out, overwrite=True, names=["a.txt"], manifest=tio.MANIFEST_NAME) as folder:
+            folder.write_text("a.txt", "2")
+            raise RuntimeError("registration failed")
+    assert listing(out) == ["a.txt", "old.txt", tio.MANIFEST_NAME] and (out / "a.txt").read_text() == "1"
+    # a successful one replaces a.txt and removes old.txt, after the new files are in place
+    (out / "user_notes.txt").write_text("not ours")
+    with tio.OutputFolder(out, overwrite=True, names=["a.txt"], manifest=tio.MANIFEST_NAME) as folder:
+        folder.write_text("a.txt", "2")
+        assert (out / "old.txt").exists()
+    assert listing(out) == ["a.txt", tio.MANIFEST_NAME, "user_notes.txt"]
+    assert [p.name for p in folder.removed] == ["old.txt"]
+    import json
+
+    assert json.loads((out / tio.MANIFEST_NAME).read_text())["files"] == ["a.txt", tio.MANIFEST_NAME]
+
+
+def test_a_damaged_manifest_cannot_remove_files_outside(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "precious.txt").write_text("keep")
+    (out / tio.MANIFEST_NAME).write_text('{"files": ["../precious.txt", "/etc/hostname", "stale.txt"]}')
+    (out / "stale.txt").write_text("old")
+    with tio.OutputFolder(out, overwrite=True, names=["new.txt"], manifest=tio.MANIFEST_NAME) as folder:
+        folder.write_text("new.txt", "n")
+    assert (tmp_path / "precious.txt").read_text() == "keep"
+    assert listing(out) == ["new.txt", tio.MANIFEST_NAME]
+
+
+def test_without_a_manifest_the_known_names_are_the_previous_run(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "qc.png").write_text("old figure")
+    (out / "mine.txt").write_text("user file")
+    with tio.OutputFolder(out, overwrite=True, names=["report.json"], manifest=tio.MANIFEST_NAME,
+                          known_names=["report.json", "qc.png"]) as folder:
+        folder.write_text("report.json", "{}")
+    assert listing(out) == ["mine.txt", "report.json", tio.MANIFEST_NAME]
