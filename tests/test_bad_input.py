@@ -540,6 +540,9 @@ def _train_cases() -> list[Case]:
              words=("unknown data source", "phantom")),
         Case(t, "malformed folder source", lambda c: ["train", "--data", "folder:only-one", "-o", str(c.out), *small],
              words=("folder:IMAGES_DIR:LABELS_DIR",)),
+        Case(t, "-o on a read-only file system", lambda c: ["train", "--data", "phantom", "--phantoms", "2", "--epochs",
+                                                             "1", "-o", "/sys/textscf-train-out", *small],
+             words=("cannot read or write", "/sys/textscf-train-out", "read-only")),
     ]
 
 

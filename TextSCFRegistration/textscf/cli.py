@@ -460,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     except TextSCFError as exc:
         print(f"textscf: error: {exc}", file=sys.stderr)
         return EXIT_INPUT
+    except OSError as exc:  # the file system said no (read-only, full, permissions) where no check caught it first
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"textscf: error: cannot read or write{where}: {exc.strerror or exc}. Fix: check the path, the "
+              "permissions, the free disk space, and that the file system is not read-only (or choose another "
+              "folder with -o).", file=sys.stderr)
+        return EXIT_INPUT
     except Terminated:
         print(f"textscf: terminated (SIGTERM); {_interrupted_note(args)}", file=sys.stderr)
         return EXIT_CANCELLED
