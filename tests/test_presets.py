@@ -192,14 +192,12 @@ def test_cli_register_with_the_totalsegmentator_preset(shared_data, tmp_path, ti
 
     folder = shared_data / "abdomen"
     ct, labels = str(folder / "ct_example.nii.gz"), str(folder / "ct_example_labels.nii.gz")
-    # The moving scan: the same CT and labels, 6 mm further along the first axis. The label maps are rewritten
-    # by SimpleITK, without TotalSegmentator's label-table header extension: only the values tell the scheme.
+    # The fixed label map is TotalSegmentator's file itself (with its label-table header extension); the moving
+    # scan is the same CT and labels 6 mm further along the first axis, rewritten by SimpleITK without the extension:
+    # there only the values tell the scheme.
     moving = {}
     for key, path in (("image", ct), ("labels", labels)):
         image = sitk.ReadImage(path)
-        if key == "labels":
-            labels = str(tmp_path / "fixed_labels.nii.gz")
-            sitk.WriteImage(image, labels)
         image.SetOrigin(tuple(np.add(image.GetOrigin(), (6.0, 0.0, 0.0))))
         moving[key] = str(tmp_path / f"moving_{key}.nii.gz")
         sitk.WriteImage(image, moving[key])
