@@ -436,3 +436,28 @@ def test_cli_end_to_end(boxes, tiny_checkpoint, tmp_path, capsys):
     assert main(["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--checkpoint", tiny_checkpoint,
                  "-o", str(out), "--quiet"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+def test_cli_reports_the_failed_pair_and_resumes(boxes, tiny_checkpoint, tmp_path, capsys):
+    from textscf.cli import main
+
+    for key in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        sitk.WriteImage(boxes[key], str(tmp_path / f"{key}_000{1 if key.startswith('fixed') else 2}.nii.gz"))
+    sitk.WriteImage(_image(np.full(SIZE, 7, np.int16)), str(tmp_path / "bad_labels_0003.nii.gz"))
+    header = "fixed,moving,fixed_labels,moving_labels,name\n"
+    good = "fixed_0001.nii.gz,moving_0002.nii.gz,fixed_labels_0001.nii.gz,moving_labels_0002.nii.gz,good\n"
+    bad = "fixed_0001.nii.gz,moving_0002.nii.gz,fixed_labels_0001.nii.gz,bad_labels_0003.nii.gz,bad\n"
+    (tmp_path / "pairs.csv").write_text(header + good + bad)
+    out = tmp_path / "out"
+    argv = ["evaluate", "--pairs", str(tmp_path / "pairs.csv"), "--checkpoint", tiny_checkpoint, "--init", "none",
+            "--device", "cpu", "-o", str(out), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pair 'bad'" in err and "1 finished pair(s) are kept" in err and "--resume" in err
+    assert not (out / "summary.md").exists()
+    # the bad pair repaired: --resume registers it alone and writes the reports over both pairs
+    (tmp_path / "pairs.csv").write_text(header + good + bad.replace("bad_labels_0003", "moving_labels_0002"))
+    assert main(argv + ["--resume"]) == 0
+    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["good", "bad"]
+    assert "evaluated 2 pair(s)" in capsys.readouterr().out
+    assert not (out / "partial").exists()
