@@ -225,3 +225,38 @@ def test_help_explains_every_option(capsys):
                    "--init", "--device", "--refine", "--overwrite", "--field-format"):
         assert option in text
     assert "Exit codes" in build_parser().format_help()
+
+
+def test_sigterm_unwinds_like_ctrl_c_and_the_handler_is_restored(monkeypatch, capsys):
+    import os
+    import signal
+    import time
+
+    import textscf.cli as cli
+
+    original = signal.getsignal(signal.SIGTERM)
+    reached = []
+
+    def killed_mid_run(args):
+        os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would
+        time.sleep(5)
+        reached.append("after the signal")  # never: the signal raised where the program was
+        return EXIT_OK
+
+    monkeypatch.setattr(cli, "cmd_register", killed_mid_run)
+    assert main(["register", "f.nii.gz", "m.nii.gz", "-o", "out"]) == cli.EXIT_CANCELLED
+    assert "terminated (SIGTERM); no output was written" in capsys.readouterr().err
+    assert reached == [] and signal.getsignal(signal.SIGTERM) is original
+
+
+def test_cli_startup_benchmark_row(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import cli_startup
+
+    row = cli_startup.main(["--runs", "1", "--json", str(tmp_path / "row.json")])
+    assert row["imports_torch"] is False and row["median_seconds"] > 0 and row["runs"] == 1
+    assert "| `textscf --help` | 1 |" in capsys.readouterr().out
+    assert json.loads((tmp_path / "row.json").read_text())["median_seconds"] == row["median_seconds"]
