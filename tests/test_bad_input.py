@@ -477,6 +477,12 @@ def _option_cases() -> list[Case]:
                   words=(f"argument {opt}", why)) for opt, val, why in bad]
     cases += [
         Case(a, "register -o ''", lambda c: c.register(out=""), words=("-o/--output", "empty", "fix")),
+        Case(a, "register --checkpoint ''", lambda c: c.register(checkpoint=""), words=("--checkpoint", "empty", "fix")),
+        Case(a, "register --fixed-labels ''", lambda c: c.register(fixed_labels=""), words=("--fixed-labels", "empty")),
+        Case(a, "register --refine-smooth 1e9", lambda c: c.register("--refine-smooth", "1e9"),
+             words=("--refine-smooth", "out of range")),
+        Case(a, "evaluate --checkpoint ''", lambda c: ["evaluate", "--pairs", "p.csv", "-o", "o", "--checkpoint", ""],
+             words=("--checkpoint", "empty")),
         Case(a, "demo -o ''", lambda c: ["demo", "-o", ""], words=("-o/--output", "empty")),
         Case(a, "demo --refine -3", lambda c: ["demo", "--refine", "-3", "-o", str(c.out)], words=("--refine", "out of range")),
         Case(a, "evaluate --refine -1", lambda c: c.evaluate(c.path("p.csv"), "--refine", "-1"),
@@ -516,6 +522,14 @@ def _evaluate_cases() -> list[Case]:
                                                ("moving.nii.gz", "fixed.nii.gz", "moving_labels.nii.gz",
                                                 "fixed_labels.nii.gz")])),
              words=("1 of 2 pair(s) failed", "truncated", "kept", "--resume"), check=_one_pair_kept),
+        Case(e, "a truncated .nii image fails its pair by name",
+             lambda c: c.evaluate(c.pairs_csv([("fixed.nii.gz", str(_truncated(c, "moving.nii.gz", "cut.nii", 0.8)),
+                                                "fixed_labels.nii.gz", "moving_labels.nii.gz")])),
+             words=("1 of 1 pair(s) failed", "cut.nii", "truncated", "fix")),
+        Case(e, "existing reports need --overwrite", lambda c: c.evaluate(c.pairs_csv([_good_rows(c)])),
+             prepare=_finished_evaluation, words=("already holds", "--overwrite")),
+        Case(e, "--resume with other settings", lambda c: c.evaluate(c.pairs_csv([_good_rows(c)]), "--resume"),
+             prepare=_unfinished_evaluation, words=("other settings", "--overwrite")),
         Case(e, "an unfinished evaluation needs --resume or --overwrite",
              lambda c: c.evaluate(c.pairs_csv([_good_rows(c)])), prepare=_unfinished_evaluation,
              words=("unfinished evaluation", "--resume", "--overwrite")),
@@ -525,6 +539,10 @@ def _evaluate_cases() -> list[Case]:
 def _one_pair_kept(ctx: Ctx):
     lines = (ctx.out / "partial" / "pairs.jsonl").read_text().splitlines()
     assert [json.loads(x).get("pair") for x in lines[1:]] == ["moving<-fixed"]
+
+
+def _finished_evaluation(ctx: Ctx):
+    assert main(ctx.evaluate(ctx.pairs_csv([_good_rows(ctx)], "first.csv"))) == EXIT_OK
 
 
 def _unfinished_evaluation(ctx: Ctx):

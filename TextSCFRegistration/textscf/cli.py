@@ -68,6 +68,13 @@ def output_folder_option(text: str) -> str:
     return text
 
 
+def path_option(text: str) -> str:
+    """An argparse ``type`` for an input path: non-empty (an empty --checkpoint would quietly mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the path is empty. Fix: give the file's path, or leave the option out")
+    return text
+
+
 refine_iterations_option = int_option(0, what="a number of iterations (0 = off)")
 refine_lr_option = float_option(0.0, 1.0, low_inclusive=False, what="a learning rate")
 seed_option = int_option(0, SEED_MAX, what="a seed")
@@ -86,7 +93,7 @@ def _int_list(text: str) -> list[int]:
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model and prompts")
-    g.add_argument("--checkpoint", help="textscf checkpoint (.pt); default: the bundled abdomen CT model. "
+    g.add_argument("--checkpoint", type=path_option, help="textscf checkpoint (.pt); default: the bundled abdomen CT model. "
                    "'fresh' starts from a new network and needs --refine")
     g.add_argument("--preset", help="prompt preset: abdomen-ct (13 organs) or brain-mri (FreeSurfer structures)")
     g.add_argument("--prompts", type=_comma_list, help='region names, e.g. "liver,spleen" (with --label-values)')
@@ -102,7 +109,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("registration")
     g.add_argument("--init", choices=["none", "center", "affine"], default="center",
                    help="initial alignment before the network (default: center of mass)")
-    g.add_argument("--initial-transform", help="an ITK transform file (fixed -> moving) to start from; replaces --init")
+    g.add_argument("--initial-transform", type=path_option, help="an ITK transform file (fixed -> moving) to start from; replaces --init")
     g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where the network runs; cuda falls back to the CPU with a message when unavailable")
     g.add_argument("--integrate", dest="integrate", action="store_true", default=None,
@@ -118,7 +125,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=0.1, help="refinement smoothness weight λ (default 0.1)")
     g.add_argument("--similarity", choices=["auto", "mse", "ncc"], default="auto",
                    help="refinement image term: auto = MSE for CT, local NCC for MRI")
-    g.add_argument("--segmentor-weights", help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
+    g.add_argument("--segmentor-weights", type=path_option, help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
                    "no --fixed-labels is given")
     g.add_argument("--seed", type=seed_option, default=0,
                    help=f"random seed, 0 to {SEED_MAX} (refinement is deterministic on the CPU)")
@@ -153,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("-o", "--output", required=True, type=output_folder_option,
                      help=f"output folder; it gets a {MANIFEST_NAME} listing the run's files, and --overwrite replaces "
                      "that run as a whole")
-    reg.add_argument("--fixed-labels", help="label map of the fixed image (stands in for the segmentor)")
-    reg.add_argument("--moving-labels", help="label map of the moving image (for Dice/HD95 and warped labels)")
+    reg.add_argument("--fixed-labels", type=path_option, help="label map of the fixed image (stands in for the segmentor)")
+    reg.add_argument("--moving-labels", type=path_option, help="label map of the moving image (for Dice/HD95 and warped labels)")
     _add_model_options(reg)
     _add_register_options(reg)
     _add_output_options(reg)
@@ -177,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="3D Slicer SampleData CT to register instead of the phantom: downloaded into the cache "
                         "and checked by SHA-256, resampled to 2 mm; the fixed image is it deformed by a known smooth "
                         "field, so the endpoint error is reported")
-    online.add_argument("--segmentor-weights", metavar="PATH",
+    online.add_argument("--segmentor-weights", type=path_option, metavar="PATH",
                         help="SwinUNETR weights (state dict or MONAI bundle folder) that find the organs of the "
                         "sample, which has no label map (default: MONAI's swin_unetr_btcv_segmentation bundle, "
                         "downloaded into the cache)")

@@ -1015,7 +1015,9 @@ def _int_list(text: str) -> list[int]:
 
 def add_evaluate_parser(sub) -> None:
     """Add ``textscf evaluate`` to the ``textscf`` sub-command parsers."""
-    from textscf.cli import int_option, output_folder_option, refine_iterations_option, refine_lr_option, seed_option
+    from textscf.cli import (
+        int_option, output_folder_option, path_option, refine_iterations_option, refine_lr_option, seed_option,
+    )
     from textscf.training_cli import DEFAULT_SHARED_DATA
 
     p = sub.add_parser(
@@ -1035,7 +1037,7 @@ def add_evaluate_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, type=output_folder_option,
                    help=f"output folder (finished pairs are kept in OUTPUT/{PARTIAL_FOLDER} as they complete)")
     g = p.add_argument_group("model and registration")
-    g.add_argument("--checkpoint", help="textscf checkpoint (.pt); default: the bundled model")
+    g.add_argument("--checkpoint", type=path_option, help="textscf checkpoint (.pt); default: the bundled model")
     g.add_argument("--preset", help="prompt preset: abdomen-ct or brain-mri")
     g.add_argument("--prompts", type=_comma_list, help='region names, e.g. "liver,spleen" (with --label-values)')
     g.add_argument("--label-values", type=_int_list, help='label value of each prompt, e.g. "6,1"')
