@@ -39,7 +39,7 @@ def test_totalsegmentator_preset_holds_its_v2_label_table():
 
 @pytest.mark.data
 def test_totalsegmentator_preset_agrees_with_the_example_label_map_names(shared_data):
-    names = json.loads((shared_data / "abdomen" / "ct_example_labels.json").read_text())
+    names = json.loads((shared_data / "abdomen" / "ct_example_labels.json").read_text(encoding="utf-8"))
     preset = presets.load_preset("totalsegmentator")
     assert {int(v): n for v, n in names.items()} == {int(v): preset.label_names[int(v)] for v in names}
 
@@ -178,7 +178,7 @@ def test_example_totalsegmentator_map_through_the_engine(shared_data):
     regions = seg.labels_array()
     for region, ts_name in (("liver", "liver"), ("stomach", "stomach"), ("aorta", "aorta"),
                             ("portal and splenic vein", "portal_vein_and_splenic_vein")):
-        value = {n: int(v) for v, n in json.loads((folder / "ct_example_labels.json").read_text()).items()}[ts_name]
+        value = {n: int(v) for v, n in json.loads((folder / "ct_example_labels.json").read_text(encoding="utf-8")).items()}[ts_name]
         np.testing.assert_array_equal(regions == seg.region_names.index(region), raw == value)
 
     options = RegistrationOptions(preset="abdomen-ct", unmapped_labels="background")
@@ -211,7 +211,7 @@ def test_cli_register_with_the_totalsegmentator_preset(shared_data, tmp_path, ti
     assert not (tmp_path / "btcv").exists() or not any((tmp_path / "btcv").iterdir())
 
     assert main(["register", *common, "-o", str(tmp_path / "ts"), "--preset", "totalsegmentator"]) == 0
-    report = json.loads((tmp_path / "ts" / "report.json").read_text())
+    report = json.loads((tmp_path / "ts" / "report.json").read_text(encoding="utf-8"))
     stats = report.get("stats", report)
     # The liver's own voxels (value 5) on both sides, 6 mm apart; read as BTCV's esophagus, "liver" would be the
     # stomach (6) instead, and the aorta (52) would be ignored.

@@ -780,7 +780,7 @@ def test_requirements_have_one_home_that_pyproject_follows(mod):
 
     root = Path(__file__).resolve().parents[1]
     shipped = [r["requirement"] for r in mod._engineRequirements()]
-    declared = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    declared = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
     assert sorted(shipped) == sorted(set(declared) - NOT_YET_DROPPED_FROM_PYPROJECT)
     assert mod.TORCH_REQUIREMENT == ">=2.1" and "torch" not in mod.ENGINE_REQUIREMENTS
     assert mod.ENGINE_REQUIREMENTS["open_clip"] == "open_clip_torch>=2.24"

@@ -99,7 +99,7 @@ def widget_property(element, name):
 
 
 def module_source():
-    return MODULE_PY.read_text()
+    return MODULE_PY.read_text(encoding="utf-8")
 
 
 def used_widget_names():
@@ -362,15 +362,15 @@ def test_catalog_contributors_license_and_documentation_link():
     # The extension template's form: "Name (Organization)", several separated by commas
     for contributor in settings["EXTENSION_CONTRIBUTORS"][0].split(", "):
         assert re.fullmatch(r"[^()]+ \([^()]+\)", contributor), contributor
-    module = MODULE_PY.read_text()
+    module = MODULE_PY.read_text(encoding="utf-8")
     assert re.search(r"self\.parent\.contributors = \[\"[^\"()]+ \([^\"()]+\)\"\]", module)
 
-    license_text = (ROOT / "LICENSE").read_text()
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
     assert "Apache License" in license_text and "Version 2.0, January 2004" in license_text
     assert "END OF TERMS AND CONDITIONS" in license_text
-    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["license"] == {"text": "Apache-2.0"}
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["license"] == {"text": "Apache-2.0"}
 
     # The documentation link (extension homepage and module help) is the README's Slicer section
     homepage = settings["EXTENSION_HOMEPAGE"][0]
     assert homepage == "https://github.com/TextSCF/SlicerTextSCF#in-3d-slicer" and homepage in module
-    assert "\n## In 3D Slicer\n" in (ROOT / "README.md").read_text()
+    assert "\n## In 3D Slicer\n" in (ROOT / "README.md").read_text(encoding="utf-8")
