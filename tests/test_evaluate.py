@@ -323,6 +323,9 @@ def test_overwrite_replaces_the_previous_evaluation_as_a_whole(boxes, tiny_check
     assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["box"]
     assert sorted(p.name for p in (out / "learn2reg").iterdir()) == ["disp_0001_0002.npz", MANIFEST_NAME]
     assert not (out / "partial").exists()
+    # a new evaluation without --learn2reg replaces the old one's fields too
+    evaluate_pairs([box], _options(tiny_checkpoint), out, overwrite=True, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == sorted([*evaluate.OUTPUT_NAMES, MANIFEST_NAME])
 
 
 def test_synthetic_images_are_said_plainly(boxes, tiny_checkpoint, tmp_path):

@@ -639,6 +639,15 @@ def test_a_damaged_manifest_cannot_remove_files_outside(tmp_path):
     assert listing(out) == ["new.txt", tio.MANIFEST_NAME]
 
 
+def test_a_run_that_writes_nothing_removes_the_previous_one_and_its_folder(tmp_path):
+    out = tmp_path / "learn2reg"
+    with tio.OutputFolder(out, names=["disp_0001_0002.npz"], manifest=tio.MANIFEST_NAME) as folder:
+        folder.write_bytes("disp_0001_0002.npz", b"x")
+    with tio.OutputFolder(out, overwrite=True, manifest=tio.MANIFEST_NAME):
+        pass
+    assert not out.exists()
+
+
 def test_without_a_manifest_the_known_names_are_the_previous_run(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -841,6 +841,9 @@ def evaluate_pairs(
         if learn2reg:
             l2r = stack.enter_context(OutputFolder(output_dir / LEARN2REG_FOLDER, overwrite=overwrite,
                                                    names=list(npz_names.values()), manifest=MANIFEST_NAME))
+        elif overwrite and (output_dir / LEARN2REG_FOLDER / MANIFEST_NAME).is_file():
+            # the previous evaluation's Learn2Reg fields belong to the run being replaced: removed on success
+            stack.enter_context(OutputFolder(output_dir / LEARN2REG_FOLDER, overwrite=True, manifest=MANIFEST_NAME))
         partial = _PartialResults(output_dir / PARTIAL_FOLDER, signature)
         done = partial.open(resume=resume, overwrite=overwrite)
         todo = [c for c in cases if c.name not in done]

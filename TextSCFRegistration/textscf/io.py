@@ -808,7 +808,7 @@ class OutputFolder:
             return False
         # reserved through temp_path() but never written (e.g. a skipped figure): nothing to move
         pending = {n: t for n, t in self._temps.items() if t.exists()}
-        if self.manifest:
+        if self.manifest and pending:  # a run that writes nothing here leaves no manifest (the old one goes)
             try:  # moved into place last: a folder with a manifest holds the whole run
                 self.write_text(self.manifest, json.dumps(
                     {"format": "textscf-run-manifest", "format_version": 1,
@@ -840,4 +840,9 @@ class OutputFolder:
         if failed:
             raise OutputError(f"the new results are in '{self.path}', but files of the previous run could not be "
                               f"removed: {', '.join(failed)}. Fix: delete them by hand.")
+        if self.removed and not pending:
+            try:
+                self.path.rmdir()  # only when that left it empty
+            except OSError:
+                pass
         return False
