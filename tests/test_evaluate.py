@@ -12,7 +12,7 @@ import SimpleITK as sitk
 from scipy.ndimage import zoom
 
 from textscf import evaluate
-from textscf.errors import InputError, OutputError, TextSCFError
+from textscf.errors import InputError, OutputError
 from textscf.evaluate import PairCase, evaluate_pairs, learn2reg_displacement, summarise
 from textscf.io import MANIFEST_NAME
 from textscf.pipeline import RegistrationOptions
