@@ -102,23 +102,9 @@ class _Plateau:
         return self.patience > 0 and self.since_best >= self.patience
 
 
-def reset_weights(net: torch.nn.Module, seed: int) -> None:
-    """A fresh initialisation (``reset_parameters`` of every layer, then the heads' near-zero output init)."""
-    torch.manual_seed(seed)
-    for module in net.modules():
-        if module is not net and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
-    head = getattr(net, "head", None)
-    if head is not None:
-        with torch.no_grad():
-            if hasattr(head, "shared_filter"):
-                head.shared_filter.normal_(std=1e-5)
-            if hasattr(head, "filter_mlp"):
-                head.filter_mlp.mlp[-1].weight.normal_(std=1e-5)
-                head.filter_mlp.mlp[-1].bias.zero_()
-            if hasattr(head, "flow"):
-                head.flow.weight.normal_(std=1e-5)
-                head.flow.bias.zero_()
+def reset_weights(net: TextSCFNet, seed: int) -> None:
+    """A fresh initialisation (the authors' scheme: default layers, near-zero output layer)."""
+    net.initialise("reference", seed)
 
 
 def _trainable(net: TextSCFNet, group: str) -> list[torch.nn.Parameter]:

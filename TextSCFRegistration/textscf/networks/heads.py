@@ -62,12 +62,18 @@ class TextSCFHead(nn.Module):
         self.feature_channels = feature_channels
         self.covariant = covariant
         # w_r as a (3, C2) filter; tiny initial values so training starts from a near-zero field.
-        self.shared_filter = nn.Parameter(torch.randn(3, feature_channels) * 1e-5)
+        self.shared_filter = nn.Parameter(torch.empty(3, feature_channels))
         if covariant:
             self.filter_mlp = FilterMLP(text_dim, hidden, 3 * feature_channels)
-            last = self.filter_mlp.mlp[-1]
-            nn.init.normal_(last.weight, std=1e-5)
-            nn.init.zeros_(last.bias)
+        self.init_output(1e-5)
+
+    @torch.no_grad()
+    def init_output(self, std: float) -> None:
+        """The layers that emit the field (w_r and Φθ's last layer) at N(0, std), zero bias."""
+        self.shared_filter.normal_(std=std)
+        if self.covariant:
+            self.filter_mlp.mlp[-1].weight.normal_(std=std)
+            self.filter_mlp.mlp[-1].bias.zero_()
 
     def filter_bank(self, text_matrix: torch.Tensor) -> torch.Tensor:
         """Φθ(B) as ``(N, 3, C2)``."""
@@ -113,8 +119,13 @@ class ReferenceSCFHead(nn.Module):
         self.generate_flow_y = FilterMLP(text_dim, hidden, feature_channels)
         self.generate_flow_z = FilterMLP(text_dim, hidden, feature_channels)
         self.flow = nn.Conv3d(feature_channels, 3, 3, 1, 1)
-        nn.init.normal_(self.flow.weight, std=1e-5)
-        nn.init.zeros_(self.flow.bias)
+        self.init_output(1e-5)
+
+    @torch.no_grad()
+    def init_output(self, std: float) -> None:
+        """The output convolution ``flow`` at N(0, std), zero bias."""
+        self.flow.weight.normal_(std=std)
+        self.flow.bias.zero_()
 
     def filter_bank(self, text_matrix: torch.Tensor) -> torch.Tensor:
         """``(N, 3, C2)``, axis order x, y, z = array axes 0, 1, 2."""
