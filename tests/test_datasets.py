@@ -11,7 +11,6 @@ from textscf.datasets import (
     BTCV_ANATOMICAL_DIRECTION,
     BTCV_SPLIT,
     Augmentation,
-    IntensityWindow,
     PairDataset,
     Subject,
     brain_eval_labels,
@@ -21,12 +20,12 @@ from textscf.datasets import (
     load_btcv_labels,
     load_folder_pairs,
     load_learn2reg_dataset,
-    minmax,
     oasis_pair,
     ordered_pairs,
 )
 from textscf.errors import InputError
 from textscf.phantom import make_abdomen_phantom
+from textscf.spatial import IntensityNormaliser
 
 SMALL = dict(shape=(48, 40, 64), spacing=(8.0, 8.0, 8.0))
 
@@ -248,7 +247,7 @@ def phantom_subjects():
 
 
 def test_pair_dataset_shapes_and_types(phantom_subjects):
-    ds = PairDataset(phantom_subjects, list(range(1, 14)), normalise=IntensityWindow(-500, 800))
+    ds = PairDataset(phantom_subjects, list(range(1, 14)), normalise=IntensityNormaliser("ct_window", (-500, 800)))
     assert len(ds) == 6 and ds.num_regions == 14
     item = ds[1]
     assert (item["moving_name"], item["fixed_name"]) == ("p0", "p2")
@@ -326,8 +325,12 @@ def test_augmentation_is_deterministic(phantom_subjects):
 
 
 def test_normalisers():
+    minmax = IntensityNormaliser("minmax")
     np.testing.assert_allclose(minmax(np.array([2.0, 4.0, 6.0])), [0.0, 0.5, 1.0])
     np.testing.assert_array_equal(minmax(np.full(3, 5.0)), [0.0, 0.0, 0.0])
-    np.testing.assert_allclose(IntensityWindow(-100, 100)(np.array([-500.0, 0.0, 50.0, 900.0])), [0, 0.5, 0.75, 1])
-    with pytest.raises(InputError, match="empty"):
-        IntensityWindow(10, 10)(np.zeros(2))
+    window = IntensityNormaliser("ct_window", (-100, 100))
+    np.testing.assert_allclose(window(np.array([-500.0, 0.0, 50.0, 900.0])), [0, 0.5, 0.75, 1])
+    with pytest.raises(InputError, match="high > low"):
+        IntensityNormaliser("ct_window", (10, 10))(np.zeros(2))
+    with pytest.raises(InputError, match="unknown intensity normalisation"):
+        IntensityNormaliser("zscore")

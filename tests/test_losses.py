@@ -5,6 +5,8 @@ import torch
 from textscf.errors import InputError
 from textscf.losses import (
     RegistrationLoss,
+    endpoint_error_loss,
+    multiscale_dice_loss,
     gradient_loss,
     local_ncc_loss,
     mse_loss,
@@ -134,3 +136,37 @@ def test_registration_loss_errors():
     x = torch.zeros(1, 1, 4, 4, 4)
     with pytest.raises(InputError, match="both"):
         RegistrationLoss()(x, x, torch.zeros(1, 3, 4, 4, 4), warped_labels_onehot=torch.zeros(1, 2, 4, 4, 4))
+
+
+def test_blurred_dice_reaches_misalignments_the_sharp_dice_cannot_see():
+    from textscf.warp import SpatialTransformer
+
+    fixed = torch.zeros(1, 1, 24, 24, 24, dtype=torch.long)
+    fixed[:, :, 8:14, 8:14, 8:14] = 1
+    moving = torch.roll(fixed, 8, dims=2)  # 8 voxels off: no overlap, no moving boundary within reach
+    warp = SpatialTransformer()
+    field = torch.zeros(1, 3, 24, 24, 24, requires_grad=True)
+    m, f = one_hot_regions(moving, 2), one_hot_regions(fixed, 2)
+    sharp = multiscale_dice_loss(m, f, field, warp, (0.0,))
+    sharp.backward()
+    # inside the fixed organ the sharp loss gives no direction at all
+    assert float(sharp) == pytest.approx(1.0) and float(field.grad[0, :, 8:14, 8:14, 8:14].abs().sum()) == 0.0
+    field.grad = None
+    blurred = multiscale_dice_loss(m, f, field, warp, (0.0, 3.0))
+    blurred.backward()
+    assert float(blurred) < 1.0
+    # the gradient points the right way: sampling further along +i (towards the moving organ) lowers the loss
+    assert float(field.grad[0, 0, 8:14, 8:14, 8:14].sum()) < 0
+    with pytest.raises(InputError, match="sigmas"):
+        multiscale_dice_loss(m, f, field, warp, (-1.0,))
+
+
+def test_endpoint_error():
+    true = torch.zeros(1, 3, 4, 4, 4)
+    pred = torch.zeros(1, 3, 4, 4, 4)
+    pred[:, 0] = 3.0
+    pred[:, 1] = 4.0
+    assert float(endpoint_error_loss(pred, true)) == pytest.approx(5.0, rel=1e-6)
+    assert float(endpoint_error_loss(true, true)) == pytest.approx(0.0, abs=1e-4)
+    with pytest.raises(InputError):
+        endpoint_error_loss(pred, true[:, :2])

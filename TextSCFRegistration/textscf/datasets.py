@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from textscf.errors import InputError
+from textscf.spatial import IntensityNormaliser
 from textscf.phantom import (
     PHANTOM_DIRECTION,
     affine_in_index_space,
@@ -423,26 +424,6 @@ def label_values_to_regions(
     return regions
 
 
-def minmax(image: np.ndarray) -> np.ndarray:
-    """Rescale an image linearly to [0, 1] (constant images become 0)."""
-    image = np.asarray(image, np.float32)
-    lo, hi = float(image.min()), float(image.max())
-    return np.zeros_like(image) if hi <= lo else (image - lo) / (hi - lo)
-
-
-@dataclass(frozen=True)
-class IntensityWindow:
-    """``[low, high]`` -> ``[0, 1]``, clipped: e.g. ``IntensityWindow(-500, 800)`` for abdominal CT in HU."""
-
-    low: float
-    high: float
-
-    def __call__(self, image: np.ndarray) -> np.ndarray:
-        if not self.high > self.low:
-            raise InputError(f"intensity window [{self.low}, {self.high}] is empty; use low < high")
-        return np.clip((np.asarray(image, np.float32) - self.low) / (self.high - self.low), 0.0, 1.0)
-
-
 @dataclass(frozen=True)
 class Augmentation:
     """Random training augmentation, applied to each image of a pair independently.
@@ -471,7 +452,7 @@ class PairDataset(torch.utils.data.Dataset):
     (or values) of each region 1..N-1, as for :func:`label_values_to_regions` (other values become background);
     ``pairs``: ``(moving_index, fixed_index)`` list, default every ordered pair ``i != j``; ``augment``: False,
     True (default :class:`Augmentation`) or an :class:`Augmentation`; ``normalise``: image -> [0, 1] callable
-    (e.g. :class:`IntensityWindow`), default :func:`minmax` per image.
+    (the model's :class:`textscf.spatial.IntensityNormaliser`, as inference applies it), default min-max per image.
 
     Item ``n`` is a dict: ``moving``, ``fixed`` ``(1, I, J, K)`` float32 in [0, 1]; ``moving_regions``,
     ``fixed_regions`` ``(1, I, J, K)`` int64; ``moving_name``, ``fixed_name``. Augmentation is deterministic given
@@ -509,8 +490,8 @@ class PairDataset(torch.utils.data.Dataset):
         self.spacings = [s.spacing for s in subjects]
         self.num_regions = 1 + len(label_values)
         region_dtype = np.uint8 if self.num_regions <= 256 else np.int16
-        normalise = normalise or minmax
-        self._images = [np.clip(np.asarray(normalise(s.image), np.float32), 0.0, 1.0) for s in subjects]
+        self.normalise = normalise or IntensityNormaliser("minmax")
+        self._images = [np.clip(np.asarray(self.normalise(s.image), np.float32), 0.0, 1.0) for s in subjects]
         self._regions = [label_values_to_regions(s.labels, label_values).astype(region_dtype) for s in subjects]
         self.augment = Augmentation() if augment is True else (augment or None)
         self.seed = int(seed)
@@ -542,42 +523,57 @@ class PairDataset(torch.utils.data.Dataset):
 
     def _augmented(self, image: torch.Tensor, regions: torch.Tensor, spacing, seed: int):
         """One random spatial map for image (trilinear) and regions (nearest), then intensity jitter on the image."""
-        aug = self.augment
-        rng = np.random.default_rng(seed)
-        shape = tuple(image.shape[1:])
-        # sampling positions in voxels: p -> L p + c (affine about the grid centre) + elastic u(p)
-        grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij"))
-        if aug.rotation_deg or aug.scale or aug.translation_mm:
-            centre = (np.asarray(shape) - 1) / 2 * np.asarray(spacing)
-            matrix = random_affine(aug.rotation_deg, aug.translation_mm, aug.scale, int(rng.integers(2**31)), centre)
-            lin, off = affine_in_index_space(matrix, spacing)
-            grid = np.tensordot(lin.astype(np.float32), grid, axes=([1], [0]))
-            grid += off.astype(np.float32)[:, None, None, None]
-        if aug.elastic_mm:
-            grid += random_smooth_displacement(
-                shape, spacing, aug.elastic_mm, aug.elastic_smoothness_mm, int(rng.integers(2**31))
-            )
-        # -> grid_sample's [-1, 1] (align_corners=True), last dim ordered (k, j, i)
-        grid *= (2.0 / (np.asarray(shape, np.float32) - 1.0)).reshape(3, 1, 1, 1)
-        grid -= 1.0
-        grid_t = torch.from_numpy(grid[::-1].transpose(1, 2, 3, 0).copy())[None]
-        with torch.no_grad():
-            image = F.grid_sample(image[None], grid_t, mode="bilinear", padding_mode="zeros", align_corners=True)[0]
-            regions = F.grid_sample(
-                regions[None].float(), grid_t, mode="nearest", padding_mode="zeros", align_corners=True
-            )[0].round().long()
-        generator = torch.Generator().manual_seed(seed)
+        grid = random_spatial_grid(tuple(image.shape[1:]), spacing, self.augment, seed)
+        return jitter_intensity(sample_on_grid(image, grid), self.augment, seed), sample_on_grid(regions, grid)
 
-        def uniform(half_width: float) -> float:
-            return float((torch.rand((), generator=generator) * 2 - 1) * half_width)
 
-        if aug.gamma:
-            image = image.clamp(0.0, 1.0) ** float(np.exp(uniform(aug.gamma)))
-        if aug.intensity_scale:
-            image = image * (1.0 + uniform(aug.intensity_scale))
-        if aug.noise_std:
-            image = image + aug.noise_std * torch.randn(image.shape, generator=generator)
-        return image.clamp(0.0, 1.0).contiguous(), regions.contiguous()
+def random_spatial_grid(shape, spacing, aug: Augmentation, seed: int) -> torch.Tensor:
+    """The sampling grid of one random affine + elastic map: ``(1, I, J, K, 3)`` for ``grid_sample``.
+
+    Positions in voxels are ``p -> L p + c`` (an affine about the grid centre) plus a smooth elastic ``u(p)``,
+    converted to ``grid_sample``'s [-1, 1] (``align_corners=True``, last dimension ordered k, j, i). The same
+    ``seed`` gives the same map, so an image and its label or class maps stay aligned.
+    """
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float32) for n in shape), indexing="ij"))
+    if aug.rotation_deg or aug.scale or aug.translation_mm:
+        centre = (np.asarray(shape) - 1) / 2 * np.asarray(spacing)
+        matrix = random_affine(aug.rotation_deg, aug.translation_mm, aug.scale, int(rng.integers(2**31)), centre)
+        lin, off = affine_in_index_space(matrix, spacing)
+        grid = np.tensordot(lin.astype(np.float32), grid, axes=([1], [0]))
+        grid += off.astype(np.float32)[:, None, None, None]
+    if aug.elastic_mm:
+        grid += random_smooth_displacement(
+            shape, spacing, aug.elastic_mm, aug.elastic_smoothness_mm, int(rng.integers(2**31))
+        )
+    grid *= (2.0 / (np.asarray(shape, np.float32) - 1.0)).reshape(3, 1, 1, 1)
+    grid -= 1.0
+    return torch.from_numpy(grid[::-1].transpose(1, 2, 3, 0).copy())[None]
+
+
+def sample_on_grid(volume: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """``(C, I, J, K)`` resampled at ``grid``: float volumes trilinearly, integer (label) volumes nearest."""
+    labels = not volume.dtype.is_floating_point
+    with torch.no_grad():
+        out = F.grid_sample(volume[None].float(), grid, mode="nearest" if labels else "bilinear",
+                            padding_mode="zeros", align_corners=True)[0]
+    return out.round().long() if labels else out
+
+
+def jitter_intensity(image: torch.Tensor, aug: Augmentation, seed: int) -> torch.Tensor:
+    """Gamma, scale and noise of :class:`Augmentation` on a [0, 1] image; clipped to [0, 1]."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def uniform(half_width: float) -> float:
+        return float((torch.rand((), generator=generator) * 2 - 1) * half_width)
+
+    if aug.gamma:
+        image = image.clamp(0.0, 1.0) ** float(np.exp(uniform(aug.gamma)))
+    if aug.intensity_scale:
+        image = image * (1.0 + uniform(aug.intensity_scale))
+    if aug.noise_std:
+        image = image + aug.noise_std * torch.randn(image.shape, generator=generator)
+    return image.clamp(0.0, 1.0).contiguous()
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -27,11 +27,11 @@ from textscf.presets import load_preset, model_rows
 from textscf.results import RegistrationResult
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
 from textscf.spatial import (
+    IntensityNormaliser,
     ModelGrid,
     compose_with_initial,
     image_to_array,
     model_grid_for,
-    normalise_intensity,
     physical_displacement_to_voxel,
     resample_displacement,
     resample_to_grid,
@@ -280,18 +280,12 @@ def model_grid(cfg: TextSCFConfig, fixed: sitk.Image, body_mask: sitk.Image | No
 
 
 def normalise_for_model(image: sitk.Image, net: TextSCFNet) -> np.ndarray:
-    """``(I, J, K)`` float32 in [0, 1] as the model was trained."""
-    arr = image_to_array(image).astype(np.float32)
-    intensity = net.config.intensity
-    kind = intensity.get("kind")
-    if kind == "ct_window":
-        return normalise_intensity(arr, "ct", ct_window=tuple(intensity["window"]))
-    if kind == "percentile":
-        return normalise_intensity(arr, "mri", percentiles=tuple(intensity.get("percentiles", (0.5, 99.5))))
-    if kind == "minmax":
-        lo, hi = float(arr.min()), float(arr.max())
-        return (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
-    raise CheckpointError(f"unknown intensity normalisation {intensity!r} in the checkpoint")
+    """``(I, J, K)`` float32 in [0, 1] as the model was trained (its :class:`IntensityNormaliser`)."""
+    try:
+        normaliser = IntensityNormaliser.from_config(net.config)
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
+    return normaliser(image_to_array(image))
 
 
 def _tensor(arr: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:

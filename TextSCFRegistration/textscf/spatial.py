@@ -302,6 +302,49 @@ def normalise_intensity(array: np.ndarray, modality: str = "ct", ct_window: tupl
     return out.astype(np.float32, copy=False)
 
 
+@dataclass(frozen=True)
+class IntensityNormaliser:
+    """A model's intensity normalisation: the one object that training, validation and inference apply.
+
+    Built from a model configuration's ``intensity`` entry (:meth:`from_config`), so a model always sees the
+    intensities it was trained with. ``kind``: ``"ct_window"`` (clip ``window`` HU, scale to [0, 1]),
+    ``"percentile"`` (MRI: clip to the ``percentiles`` of the non-zero voxels, scale) or ``"minmax"`` (the image's
+    own range; constant images become 0). Call it on an ``(I, J, K)`` array; returns float32 in [0, 1].
+    """
+
+    kind: str = "ct_window"
+    window: tuple[float, float] = (-500.0, 800.0)
+    percentiles: tuple[float, float] = (0.5, 99.5)
+
+    KINDS = ("ct_window", "percentile", "minmax")
+
+    def __post_init__(self):
+        if self.kind not in self.KINDS:
+            raise InputError(f"unknown intensity normalisation {self.kind!r}; use one of {self.KINDS}")
+        object.__setattr__(self, "window", tuple(float(v) for v in self.window))
+        object.__setattr__(self, "percentiles", tuple(float(v) for v in self.percentiles))
+
+    @classmethod
+    def from_config(cls, config) -> "IntensityNormaliser":
+        """From a :class:`textscf.networks.TextSCFConfig` (or its ``intensity`` dict)."""
+        intensity = dict(getattr(config, "intensity", config))
+        kind = intensity.pop("kind", None)
+        unknown = set(intensity) - {"window", "percentiles"}
+        if kind not in cls.KINDS or unknown:
+            raise InputError(f"unknown intensity normalisation {dict(getattr(config, 'intensity', config))!r} in "
+                             f"the model configuration; kinds are {cls.KINDS}")
+        return cls(kind, **intensity)
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        if self.kind == "ct_window":
+            return normalise_intensity(array, "ct", ct_window=self.window)
+        if self.kind == "percentile":
+            return normalise_intensity(array, "mri", percentiles=self.percentiles)
+        x = np.asarray(array, np.float32)
+        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+        return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
+
+
 # ----------------------------------------------------------------------------------------------- displacements
 def voxel_displacement_to_physical(u: np.ndarray, grid: GridLike) -> sitk.Image:
     """Engine voxel displacement -> physical field.

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from textscf import metrics
 from textscf.checkpoint import read_checkpoint_file, save_checkpoint
 from textscf.errors import CheckpointError, InputError
-from textscf.losses import RegistrationLoss, one_hot_regions
+from textscf.losses import RegistrationLoss, endpoint_error_loss, multiscale_dice_loss, one_hot_regions
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, resolve_template
 from textscf.warp import SpatialTransformer
@@ -41,6 +41,11 @@ class TrainSettings:
         learning_rate: Adam's initial rate (1e-4); decays as ``(1 - epoch / epochs) ** power``.
         power: polynomial decay power (0.9).
         smooth_weight: λ (0.1). dice_weight: weight of the Dice term (1).
+        dice_sigmas: Gaussian blurs (voxels) of the label maps the Dice term averages over; (0,) = sharp labels
+            only (the paper). Blurred copies pass a gradient across larger misalignments.
+        field_weight: weight of the endpoint error against a known field, for items that carry one
+            (``field_known``, e.g. :class:`textscf.synthesis.SynthPairDataset`'s intra-subject pairs).
+        threads: CPU threads for torch (None = torch's default).
         similarity: "mse" or "ncc".
         simulate_segmentor: probability of replacing p = 1 by a simulated segmentor confidence (lower near region
             boundaries), so the shared filter w_r is trained too.
@@ -57,6 +62,9 @@ class TrainSettings:
     power: float = 0.9
     smooth_weight: float = 0.1
     dice_weight: float = 1.0
+    dice_sigmas: tuple[float, ...] = (0.0,)
+    field_weight: float = 0.0
+    threads: int | None = None
     similarity: str = "mse"
     simulate_segmentor: float = 0.5
     validate_every: int = 1
@@ -90,8 +98,12 @@ def build_model(
     input_shape=(96, 80, 128),
     direction=(1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0),
     seed: int = 0,
+    init: str = "reference",
 ) -> TextSCFNet:
-    """A fresh TextSCFNet for a prompt set; the text matrix comes from the (cached) text encoder."""
+    """A fresh TextSCFNet for a prompt set; the text matrix comes from the (cached) text encoder.
+
+    ``init``: the weight initialisation (:meth:`TextSCFNet.initialise`); ``"kaiming"`` is the one that trains.
+    """
     template = resolve_template(template)
     if any(s % 16 for s in input_shape):
         raise InputError(f"input shape {tuple(input_shape)} must be divisible by 16 along every axis")
@@ -109,8 +121,9 @@ def build_model(
         modality=modality, intensity=intensity, spacing=tuple(spacing), input_shape=tuple(input_shape),
         direction=tuple(direction),
     )
-    torch.manual_seed(seed)
-    return TextSCFNet(config, text_matrix)
+    net = TextSCFNet(config, text_matrix)
+    net.initialise(init, seed)
+    return net
 
 
 def simulate_segmentor(regions: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,6 +229,8 @@ def train(
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     device = _device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(int(settings.threads))
     torch.manual_seed(settings.seed + rank)
     np.random.seed(settings.seed + rank)
     history: list[dict] = []
@@ -256,6 +271,8 @@ def train(
     for epoch in range(start_epoch, settings.epochs):
         if sampler is not None:
             sampler.set_epoch(epoch)
+        if hasattr(train_pairs, "set_epoch"):
+            train_pairs.set_epoch(epoch)  # new augmentation (and synthesised pairs) every epoch
         lr = poly_learning_rate(settings.learning_rate, epoch, settings.epochs, settings.power)
         for group in optimiser.param_groups:
             group["lr"] = lr
@@ -287,10 +304,7 @@ def train(
                 confidence = confidence.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 result = model(m, f, fr, confidence)
-            n = net.num_regions
-            warped_onehot = label_warp(one_hot_regions(mr, n), result.displacement.float())
-            loss, parts = criterion(result.warped.float(), f, result.regularised_field.float(), warped_onehot,
-                                    one_hot_regions(fr, n))
+            loss, parts = _step_loss(net, criterion, label_warp, result, item, m, mr, fr, settings, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -303,8 +317,9 @@ def train(
         if bar is not None:
             bar.close()
 
+        seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()},
-               "seconds": round(time.perf_counter() - t0, 2)}
+               "seconds": round(seconds, 2), "steps_per_s": round(steps / max(seconds, 1e-9), 4)}
         if val_pairs is not None and rank == 0 and ((epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs):
             row["val_dice"] = validate(net, val_pairs, device)
         history.append(row)
@@ -321,6 +336,28 @@ def train(
     if world > 1:
         dist.barrier()
     return TrainResult(best_path if best_path.is_file() else None, last_path, best, history)
+
+
+def _step_loss(net, criterion, label_warp, result, item, moving, moving_regions, fixed_regions, settings, device):
+    """The training objective of one step: similarity + smoothness (``criterion``), the (multi-scale) Dice on the
+    warped moving labels, and the endpoint error where the item carries a known field."""
+    fixed = item["fixed"].to(device)
+    displacement = result.displacement.float()
+    loss, parts = criterion(result.warped.float(), fixed, result.regularised_field.float())
+    n = net.num_regions
+    if settings.dice_weight > 0:
+        dice = settings.dice_weight * multiscale_dice_loss(
+            one_hot_regions(moving_regions, n), one_hot_regions(fixed_regions, n), displacement, label_warp,
+            settings.dice_sigmas)
+        loss = loss + dice
+        parts["dice"] = float(dice.detach())
+    known = item.get("field_known")
+    if settings.field_weight > 0 and known is not None and bool(known.any()):
+        known = known.to(device).bool()
+        epe = endpoint_error_loss(displacement[known], item["true_displacement"].to(device)[known])
+        loss = loss + settings.field_weight * epe
+        parts["endpoint_error"] = float(epe.detach())
+    return loss, parts
 
 
 def _write_log(path: Path, history: list[dict]) -> None:

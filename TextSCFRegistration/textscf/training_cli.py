@@ -83,26 +83,45 @@ def add_train_parser(sub) -> None:
         "synthesised from the Learn2Reg/BTCV label maps in ../shared/data, paper split), 'phantom' (generated "
         "abdominal phantoms), a Learn2Reg dataset JSON, or folder:IMAGES_DIR:LABELS_DIR.",
     )
+    from textscf.cli import float_option, int_option, output_folder_option
+
+    count = int_option(1)
+    fraction = float_option(0.0, 1.0, what="a fraction")
+    weight = float_option(0.0, 1e4, what="a weight")
     p.add_argument("--data", action="append", required=True, help="training source (repeatable)")
     p.add_argument("--val", action="append", help="validation source (default: the val split of btcv-synthetic, "
                    "else two held-out phantoms)")
-    p.add_argument("-o", "--output", required=True, help="folder for best.pt, last.pt, log.csv")
+    p.add_argument("-o", "--output", required=True, type=output_folder_option, help="folder for best.pt, last.pt, log.csv")
     p.add_argument("--preset", default="abdomen-ct", help="prompt preset (region names, label values, template)")
     p.add_argument("--encoder", default="onehot", help="text encoder: onehot or open_clip:MODEL:PRETRAINED")
-    p.add_argument("--start-channels", type=int, default=8, help="N_s (8, 16, 32, 64)")
-    p.add_argument("--hidden-channels", type=int, default=64, help="CΦ of the filter MLP")
+    p.add_argument("--start-channels", type=count, default=8, help="N_s (8, 16, 32, 64)")
+    p.add_argument("--hidden-channels", type=count, default=64, help="CΦ of the filter MLP")
     p.add_argument("--head", choices=["textscf", "no_scf"], default="textscf", help="no_scf = LKU-Net baseline")
     p.add_argument("--integrate", action="store_true", help="diffeomorphic integration")
-    p.add_argument("--spacing", type=float, nargs=3, default=[4.0, 4.0, 4.0], help="model grid spacing (mm)")
-    p.add_argument("--shape", type=int, nargs=3, default=[96, 80, 128], help="model grid shape (multiples of 16)")
-    p.add_argument("--epochs", type=int, default=100)
-    p.add_argument("--steps-per-epoch", type=int, default=None, help="pairs per epoch (default: all pairs)")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--smooth-weight", type=float, default=0.1)
-    p.add_argument("--dice-weight", type=float, default=1.0)
+    p.add_argument("--spacing", type=float_option(0.01, 100.0, False, "a spacing in mm"), nargs=3, default=[4.0, 4.0, 4.0], help="model grid spacing (mm)")
+    p.add_argument("--shape", type=int_option(16, 1024), nargs=3, default=[96, 80, 128], help="model grid shape (multiples of 16)")
+    p.add_argument("--epochs", type=count, default=100)
+    p.add_argument("--steps-per-epoch", type=count, default=None, help="pairs per epoch (default: all pairs)")
+    p.add_argument("--lr", type=float_option(0.0, 1.0, False, "a learning rate"), default=1e-4)
+    p.add_argument("--smooth-weight", type=weight, default=0.1)
+    p.add_argument("--dice-weight", type=weight, default=1.0)
     p.add_argument("--similarity", choices=["mse", "ncc"], default="mse")
     p.add_argument("--augment", action="store_true", help="random affine, elastic and intensity augmentation")
-    p.add_argument("--phantoms", type=int, default=12, help="phantom subjects for --data phantom")
+    p.add_argument("--synth", action="store_true",
+                   help="draw a new pair on every step (textscf.synthesis): random intensity per tissue class, "
+                   "random affine and elastic maps, and intra-subject pairs with a known field (implies --augment)")
+    p.add_argument("--intra-fraction", type=fraction, default=0.3, help="with --synth: share of known-field pairs")
+    p.add_argument("--random-contrast", type=fraction, default=0.6,
+                   help="with --synth: share of pairs rendered with random tissue intensities")
+    p.add_argument("--known-field-mm", type=float_option(0.0, 500.0, what="a length in mm"), default=32.0, help="with --synth: largest known-field length")
+    p.add_argument("--dice-sigmas", type=float_option(0.0, 50.0, what="a blur in voxels"), nargs="+", default=[0.0],
+                   help="Gaussian blurs (voxels) of the labels the Dice term averages over (0 = sharp)")
+    p.add_argument("--field-weight", type=weight, default=0.0,
+                   help="weight of the endpoint error on known-field pairs (with --synth)")
+    p.add_argument("--init", choices=["kaiming", "reference"], default="kaiming",
+                   help="weight initialisation of a fresh network: kaiming (trains) or reference (the authors')")
+    p.add_argument("--threads", type=count, default=None, help="CPU threads for torch")
+    p.add_argument("--phantoms", type=int_option(2), default=12, help="phantom subjects for --data phantom")
     p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
     p.add_argument("--init-weights", type=Path, help="start from the weights of another checkpoint with the same "
@@ -110,13 +129,32 @@ def add_train_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_train)
 
 
+def training_pairs(args, net, train_subjects, val_subjects, label_values):
+    """The training and validation pair datasets of ``textscf train``, both normalised by the model's own
+    :class:`textscf.spatial.IntensityNormaliser` (the object ``register`` builds from the same configuration)."""
+    from textscf.datasets import PairDataset
+    from textscf.spatial import IntensityNormaliser
+
+    normalise = IntensityNormaliser.from_config(net.config)
+    if args.synth:
+        from textscf.synthesis import SynthPairDataset
+
+        train_pairs = SynthPairDataset(
+            train_subjects, label_values, pairs_per_epoch=args.steps_per_epoch or 100,
+            intra_fraction=args.intra_fraction, known_field_mm=args.known_field_mm,
+            random_contrast=args.random_contrast, seed=args.seed, normalise=normalise)
+    else:
+        train_pairs = PairDataset(train_subjects, label_values, augment=args.augment, seed=args.seed,
+                                  normalise=normalise)
+    return train_pairs, PairDataset(val_subjects, label_values, seed=args.seed, normalise=normalise)
+
+
 def cmd_train(args) -> int:
-    from textscf.datasets import IntensityWindow, PairDataset
     from textscf.phantom import PHANTOM_DIRECTION
     from textscf.presets import load_preset
     from textscf.train import TrainSettings, build_model, describe, init_distributed_from_env, train
@@ -126,7 +164,7 @@ def cmd_train(args) -> int:
     direction = PHANTOM_DIRECTION if preset.modality == "ct" else (1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
     net = build_model(list(preset.region_names), list(preset.label_values), args.encoder, preset.template,
                       args.start_channels, args.hidden_channels, args.head, args.integrate, preset.modality,
-                      args.spacing, args.shape, direction, args.seed)
+                      args.spacing, args.shape, direction, args.seed, args.init)
     if args.init_weights:
         from textscf.checkpoint import load_checkpoint, load_state_dict_checked
 
@@ -137,19 +175,17 @@ def cmd_train(args) -> int:
     val_subjects = [s for src in val_sources for s in load_source(src, args.shared_data, "val", args.phantoms, args.seed)]
     train_subjects = [prepare_subject(s, net.config) for s in train_subjects]
     val_subjects = [prepare_subject(s, net.config) for s in val_subjects]
-    window = net.config.intensity.get("window", [-500.0, 800.0])
-    normalise = IntensityWindow(*window) if preset.modality == "ct" else None
-    train_pairs = PairDataset(train_subjects, list(preset.label_values), augment=args.augment, seed=args.seed,
-                              normalise=normalise)
-    val_pairs = PairDataset(val_subjects, list(preset.label_values), seed=args.seed, normalise=normalise)
+    train_pairs, val_pairs = training_pairs(args, net, train_subjects, val_subjects, list(preset.label_values))
     settings = TrainSettings(
         epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr,
-        smooth_weight=args.smooth_weight, dice_weight=args.dice_weight, similarity=args.similarity, seed=args.seed,
+        smooth_weight=args.smooth_weight, dice_weight=args.dice_weight, dice_sigmas=tuple(args.dice_sigmas),
+        field_weight=args.field_weight, threads=args.threads, similarity=args.similarity, seed=args.seed,
         bf16=args.bf16, compile=args.compile, device=args.device, show_progress=not args.quiet,
     )
     metadata = {
         "data": args.data, "val": val_sources, "train_subjects": [s.name for s in train_subjects],
-        "val_subjects": [s.name for s in val_subjects], "augment": args.augment, "preset": args.preset,
+        "val_subjects": [s.name for s in val_subjects], "augment": args.augment or args.synth, "preset": args.preset,
+        "synth": args.synth, "init": args.init,
         "init_weights": str(args.init_weights) if args.init_weights else None,
     }
 
