@@ -96,6 +96,19 @@ def summarise(rows: list[dict], method: str) -> dict:
     return out
 
 
+def paired_difference(rows: list[dict], method: str, baseline: str, key: str = "mean_dice") -> str:
+    """``method - baseline`` per pair (same pairs only): mean, sd and wins, as one Markdown sentence."""
+    by_pair = {}
+    for r in rows:
+        by_pair.setdefault(r["pair"], {})[r["method"]] = r.get(key, np.nan)
+    diffs = np.array([100 * (v[method] - v[baseline]) for v in by_pair.values() if method in v and baseline in v])
+    diffs = diffs[np.isfinite(diffs)]
+    if diffs.size == 0:
+        return ""
+    return (f"Paired over {diffs.size} pairs, {method} - {baseline}: Dice {diffs.mean():+.2f} ± {diffs.std():.2f} "
+            f"points (mean ± sd), {method} higher on {int((diffs > 0).sum())} of {diffs.size}.")
+
+
 def markdown(summaries: list[dict], ours: list[str], title: str, note: str) -> str:
     """One row per method; for each of ``ours`` (present ones), our time / its time and our Dice - its Dice."""
     by = {s["method"]: s for s in summaries}
@@ -197,6 +210,7 @@ def abdomen(args) -> tuple[list[dict], str]:
             + (f" Refinement: {args.refine} network + 30 field steps; 'fixed labels only' uses the fixed label map "
                "as the region map J_f and image MSE + λ‖∇u‖² (like-for-like with the peers, which see intensities "
                "only); 'both label maps' adds the Dice of the warped moving labels." if args.refine else ""))
+    note += " " + paired_difference(rows, "textSCF", "LKU-Net (no SCF)")
     return rows, markdown(summaries, ["textSCF", REFINE_FIXED], "Abdomen CT (label-derived synthetic images)", note)
 
 

@@ -110,3 +110,14 @@ def test_registration_benchmark_dice_conventions_and_table():
     ants = [line for line in table if line.startswith("| ANTs SyN")][0].split(" | ")
     assert ants[-2] == "0.25" and ants[-1].rstrip(" |") == "+10.00"
     assert all(line.replace("\\|", "").count("|") == table[4].replace("\\|", "").count("|") for line in table[4:])
+
+
+def test_paired_difference_counts_only_pairs_both_methods_ran():
+    from benchmarks import registration_benchmark as rb
+
+    rows = [{"pair": "a", "method": "textSCF", "mean_dice": 0.50}, {"pair": "a", "method": "base", "mean_dice": 0.40},
+            {"pair": "b", "method": "textSCF", "mean_dice": 0.30}, {"pair": "b", "method": "base", "mean_dice": 0.35},
+            {"pair": "c", "method": "textSCF", "mean_dice": 0.90}]
+    text = rb.paired_difference(rows, "textSCF", "base")
+    assert text.startswith("Paired over 2 pairs") and "+2.50 ± 7.50" in text and "higher on 1 of 2" in text
+    assert rb.paired_difference(rows, "textSCF", "absent") == ""
