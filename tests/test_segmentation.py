@@ -101,7 +101,7 @@ def test_label_map_non_integer_rejected(planted):
 
 def test_label_map_unmapped_values(planted):
     values, label_map, image = planted
-    with pytest.raises(InputError, match=r"2 label value\(s\) with no region/prompt: 3, 12.*unmapped='background'"):
+    with pytest.raises(InputError, match=r"2 label value\(s\) with no region/prompt: 3, 12.*--unmapped-labels background"):
         LabelMapSegmentor(label_map, [7], ["liver"])
     seg = LabelMapSegmentor(label_map, [7], ["liver"], unmapped="background").predict(image)
     np.testing.assert_array_equal(seg.labels_array(), (values == 7).astype(np.int64))

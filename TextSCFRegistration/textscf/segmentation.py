@@ -156,8 +156,8 @@ class LabelMapSegmentor:
             shown = ", ".join(str(v) for v in unknown[:20]) + (" ..." if len(unknown) > 20 else "")
             raise InputError(
                 f"the label map contains {len(unknown)} label value(s) with no region/prompt: {shown}. "
-                "Fix: add region names (prompts) and label values for them, or pass unmapped='background' "
-                "to treat them as background."
+                "Fix: add region names (prompts) and label values for them, or treat them as background "
+                "(--unmapped-labels background on the command line; unmapped='background' in Python)."
             )
         present_set = set(present.tolist())
         absent = [(v, n) for v, n in zip(values, self._region_names[1:]) if v not in present_set]
