@@ -109,3 +109,18 @@ def test_pipeline_refinement_from_a_fresh_network_improves_dice_and_is_cancellab
                  cancel=lambda: "register" in steps)
     with pytest.raises(InputError, match="--refine"):
         register(*args, RegistrationOptions(checkpoint="fresh", region_names=["left", "right"], label_values=[1, 2]))
+
+
+def test_refinement_progress_only_grows_and_reaches_the_total_even_after_an_early_stop():
+    fixed, fixed_regions = blobs(0)
+    updates = []
+    result = refine_on_pair(tiny_net(), fixed, fixed, fixed_regions, settings=RefineSettings(
+        iterations=200, field_iterations=4, learning_rate=1e-5, patience=5, min_improvement=0.05),
+        progress=lambda done, total, left: updates.append((done, total, left)))
+    assert result.stopped_early and result.iterations_run < 200
+    done = [d for d, _, _ in updates]
+    assert done == sorted(done) and len(set(done)) == len(done)  # every step moves it forward
+    assert updates[-1][:2] == (204, 204)  # the steps the early stop skipped count as done
+    assert len(updates) == result.iterations_run + result.field_iterations_run
+    lefts = [left for _, _, left in updates]
+    assert all(left is not None and left >= 0 for left in lefts) and lefts[-1] == 0.0

@@ -833,6 +833,8 @@ def evaluate_pairs(
     signature = {**settings, "regions": options.region_names, "label values": options.label_values,
                  "refine learning rate": options.refine_learning_rate, "seed": options.seed,
                  "unmapped labels": options.unmapped_labels, "learn2reg": bool(learn2reg)}
+    if options.refine_use_moving_labels:  # the moving labels in the loss (by default they only score the pairs)
+        signature["moving labels in the loss, weight"] = options.refine_label_weight
 
     with ExitStack() as stack:
         out = stack.enter_context(OutputFolder(output_dir, overwrite=overwrite, names=OUTPUT_NAMES, inputs=inputs,
@@ -1019,7 +1021,8 @@ def _int_list(text: str) -> list[int]:
 def add_evaluate_parser(sub) -> None:
     """Add ``textscf evaluate`` to the ``textscf`` sub-command parsers."""
     from textscf.cli import (
-        int_option, output_folder_option, path_option, refine_iterations_option, refine_lr_option, seed_option,
+        add_label_guidance_options, int_option, output_folder_option, path_option, refine_iterations_option,
+        refine_lr_option, seed_option,
     )
     from textscf.training_cli import DEFAULT_SHARED_DATA
 
@@ -1054,6 +1057,7 @@ def add_evaluate_parser(sub) -> None:
     g.add_argument("--refine-lr", type=refine_lr_option, default=None,
                    help="refinement learning rate, in (0, 1] (default 1e-3)")
     g.add_argument("--seed", type=seed_option, default=0)
+    add_label_guidance_options(g)
     o = p.add_argument_group("outputs")
     o.add_argument("--learn2reg", action="store_true", help="also write the Learn2Reg submission fields")
     o.add_argument("--method", default="textscf", help="method name in the tables and the plot")
@@ -1087,6 +1091,7 @@ def cases_from_argument(pairs: str, shared_data: Path | None = None, split: str 
 
 
 def cmd_evaluate(args) -> int:
+    from textscf.cli import label_guidance
     from textscf.pipeline import RegistrationOptions
 
     cases = cases_from_argument(args.pairs, args.shared_data, args.split)
@@ -1096,7 +1101,7 @@ def cmd_evaluate(args) -> int:
     options = RegistrationOptions(
         checkpoint=args.checkpoint, preset=args.preset, region_names=args.prompts, label_values=args.label_values,
         init=args.init, device=args.device, refine_iterations=args.refine, refine_learning_rate=refine_lr,
-        unmapped_labels=args.unmapped_labels, seed=args.seed,
+        unmapped_labels=args.unmapped_labels, seed=args.seed, **label_guidance(args),
     )
     for note in [SYNTHETIC_NOTE] if any(c.synthetic for c in cases) else []:
         print(f"textscf: note: {note}")

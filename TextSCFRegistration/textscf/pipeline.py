@@ -1,11 +1,15 @@
 """register(): the one registration code path, used by ``textscf register``, ``textscf demo`` and the Slicer logic.
 
-Stages: load the model and prompts -> fixed regions (label map or segmentor) -> initial alignment -> resample
-both images onto the model grid -> network (optionally refined on the pair) -> field to physical space on the
-fixed grid, composed with the initial alignment -> warped images, Jacobian, statistics.
+Stages: load the model and prompts -> fixed regions (label map, segmentor, or none) -> initial alignment -> resample
+both images onto the model grid -> network (refined on the pair as the schedule says) -> field to physical space on
+the fixed grid, composed with the initial alignment -> warped images, Jacobian, statistics.
+
+The moving label map only scores the run (Dice/HD95, warped labels) unless ``refine_use_moving_labels`` puts it into
+the refinement loss: scoring never changes the field.
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from contextlib import contextmanager
@@ -25,6 +29,9 @@ from textscf.errors import CancelledError, CheckpointError, InputError, PromptEr
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.presets import load_preset, model_rows
 from textscf.results import RegistrationResult
+from textscf.schedule import (
+    Schedule, default_schedule, fresh_grid_factor, fresh_grid_shape, with_steps,
+)
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
 from textscf.spatial import (
     IntensityNormaliser,
@@ -42,10 +49,12 @@ from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encod
 
 BUNDLED_MODEL = "abdomen-ct-onehot-ns8.pt"
 
-ProgressCallback = Callable[[str, float], None]
+# progress(stage name, overall fraction in [0, 1], estimated seconds left or None); see :class:`_Progress`.
+ProgressCallback = Callable[[str, float, "float | None"], None]
 CancelCallback = Callable[[], bool]
+LogCallback = Callable[[str], None]
 
-# Stage names and their share of the progress bar.
+# Stage names and their share of the progress bar for a run without refinement (refinement enlarges "register").
 STAGES = (
     ("load model", 0.05),
     ("segment fixed image", 0.10),
@@ -71,12 +80,20 @@ class RegistrationOptions:
         init: initial alignment: "none", "center" or "affine".
         device: "auto", "cpu" or "cuda".
         integrate: diffeomorphic integration on/off; None = the model's setting.
-        refine_iterations: instance optimisation steps on this pair (0 = off).
+        refine_iterations: instance optimisation steps on this pair (0 = off); None = the default schedule
+            (:func:`textscf.schedule.default_schedule`, what ``textscf register``, ``textscf demo`` and the Slicer
+            module run), which may also pick a fresh network when ``checkpoint`` is None and the bundled model was
+            trained on another modality.
         refine_learning_rate, refine_smooth_weight, refine_similarity: refinement settings
             (similarity "auto" = MSE for CT, local NCC for MRI).
-        refine_field_iterations: last refinement steps on the half-resolution field itself.
-        refine_use_moving_labels: add the Dice term of the moving label map to the refinement (when given).
-        fresh_grid_factor: for ``checkpoint="fresh"``, the model grid's spacing relative to the fixed image's.
+        refine_field_iterations: last refinement steps on the half-resolution field itself; None = the schedule's.
+        refine_use_moving_labels: put the moving label map into the refinement loss (its Dice term, weight
+            ``refine_label_weight``). Off by default: the moving label map then only scores the run, and giving it
+            never changes the field (on a real CT with a known field the Dice term raised Dice 88 -> 90 % while the
+            endpoint error grew 2.8 -> 4.1 mm).
+        refine_label_weight: weight of that Dice term.
+        fresh_grid_factor: for a fresh network, the model grid's spacing relative to the fixed image's; None = 2,
+            or coarser for large images (:func:`textscf.schedule.fresh_grid_factor`).
         segmentor_weights: SwinUNETR weights (state dict or MONAI bundle) used when no fixed label map is given.
         segmentor_feature_size: 12, 24 or 48 (tiny/small/base).
         unmapped_labels: label values without a prompt: "error" or "background".
@@ -92,13 +109,14 @@ class RegistrationOptions:
     init: str = "center"
     device: str = "auto"
     integrate: bool | None = None
-    refine_iterations: int = 0
+    refine_iterations: int | None = 0
     refine_learning_rate: float = 1e-3
     refine_smooth_weight: float = 0.1
     refine_similarity: str = "auto"
-    refine_field_iterations: int = 0
-    refine_use_moving_labels: bool = True
-    fresh_grid_factor: float = 2.0
+    refine_field_iterations: int | None = 0
+    refine_use_moving_labels: bool = False
+    refine_label_weight: float = 1.0
+    fresh_grid_factor: float | None = None
     segmentor_weights: str | None = None
     segmentor_feature_size: int = 48
     unmapped_labels: str = "error"
@@ -115,32 +133,88 @@ class Prompts:
     background_labels: list[int] = field(default_factory=list)
 
 
+def takes_seconds_left(callback: Callable) -> bool:
+    """Whether a progress callback takes the third argument (seconds left); older ones take (stage, fraction)."""
+    try:
+        inspect.signature(callback).bind("stage", 0.0, None)
+    except (TypeError, ValueError):  # ValueError: no signature to inspect (some builtins)
+        return False
+    return True
+
+
 class _Progress:
-    """Turns stage starts into (stage name, overall fraction) callbacks, checks cancel, and times stages."""
+    """One progress report for the whole run: (stage, overall fraction, seconds left), monotonic; checks cancel.
+
+    The fraction moves at each stage start and, during refinement, after every step. The stages' shares are those
+    of :data:`STAGES` until refinement is planned: then the remaining stages share what is left of the bar in
+    proportion to their expected seconds (the finished stages' pace, the schedule's refinement estimate), so the bar
+    moves about evenly in time. Seconds left: the refinement's measured pace plus the later stages' expected time
+    during refinement, else the elapsed time extrapolated by the fraction. A callback that takes only
+    ``(stage, fraction)`` gets the stage starts, as before.
+    """
 
     def __init__(self, progress: ProgressCallback | None, cancel: CancelCallback | None):
         self.progress, self.cancel = progress, cancel
+        self.with_steps = progress is not None and takes_seconds_left(progress)
         self.seconds: dict[str, float] = {}
-        self._done = 0.0
+        self.shares = dict(STAGES)
+        self.started = time.perf_counter()
+        self._done = 0.0  # shares of the finished stages
+        self._shown = 0.0
+        self._stage = ""
+        self._tail_seconds = 0.0  # expected seconds of the stages after "register"
 
     def check_cancel(self):
         if self.cancel is not None and self.cancel():
             raise CancelledError("registration cancelled by the user; nothing was written")
 
+    def _emit(self, stage: str, fraction: float, seconds_left: float | None, step: bool = False) -> None:
+        self._shown = max(self._shown, min(1.0, fraction))
+        if self.progress is None or (step and not self.with_steps):
+            return
+        if self.with_steps:
+            self.progress(stage, self._shown, None if seconds_left is None else max(0.0, seconds_left))
+        else:
+            self.progress(stage, self._shown)
+
+    def _extrapolated_seconds_left(self) -> float | None:
+        elapsed = time.perf_counter() - self.started
+        return elapsed * (1.0 - self._shown) / self._shown if self._shown > 0 else None
+
     @contextmanager
     def stage(self, name: str):
         self.check_cancel()
-        if self.progress is not None:
-            self.progress(name, self._done)
+        self._stage = name
+        self._emit(name, self._done, self._extrapolated_seconds_left())
         start = time.perf_counter()
         yield
         self.seconds[name] = round(time.perf_counter() - start, 3)
-        self._done += dict(STAGES)[name]
+        self._done += self.shares[name]
         self.check_cancel()
 
+    def plan_refinement(self, expected_seconds: float) -> None:
+        """At the start of "register": give it and the later stages the rest of the bar by their expected time."""
+        names = [name for name, _ in STAGES]
+        later = names[names.index(self._stage):]
+        elapsed = time.perf_counter() - self.started
+        pace = elapsed / self._done if self._done > 0 else 0.0  # seconds per share of a run without refinement
+        expected = {name: self.shares[name] * pace for name in later}
+        expected[self._stage] += max(expected_seconds, 0.0)
+        total = sum(expected.values())
+        if total > 0:
+            for name in later:
+                self.shares[name] = (1.0 - self._done) * expected[name] / total
+        self._tail_seconds = sum(expected[name] for name in later[1:])
+        self._emit(self._stage, self._done, max(expected_seconds, 0.0) + self._tail_seconds, step=True)
+
+    def refinement_step(self, done: int, total: int, seconds_left: float | None) -> None:
+        """After each refinement step (of ``total``): the bar moves within the "register" stage."""
+        fraction = self._done + self.shares[self._stage] * (done / total if total else 1.0)
+        left = None if seconds_left is None else seconds_left + self._tail_seconds
+        self._emit(self._stage, fraction, left, step=True)
+
     def finish(self):
-        if self.progress is not None:
-            self.progress("done", 1.0)
+        self._emit("done", 1.0, 0.0)
 
 
 def bundled_model_path() -> Path:
@@ -233,37 +307,49 @@ def text_matrix_for(net: TextSCFNet, prompts: Prompts) -> tuple[torch.Tensor, li
     return matrix, list(range(1, len(prompts.region_names) + 1))
 
 
-def fresh_model(fixed: sitk.Image, prompts: Prompts, options: RegistrationOptions) -> TextSCFNet:
-    """An untrained one-hot textSCF network on the fixed image's own grid (for refinement from scratch)."""
+def pair_modality(fixed: sitk.Image, options: RegistrationOptions) -> str:
+    """"ct" or "mri": the preset's, else guessed from the fixed image (CT has air at about -1000 HU)."""
+    if options.preset:
+        return load_preset(options.preset).modality
+    return "ct" if _background(fixed) < -500 else "mri"
+
+
+def fresh_model(fixed: sitk.Image, prompts: Prompts | None, options: RegistrationOptions,
+                device: torch.device) -> TextSCFNet:
+    """An untrained one-hot network on a grid sized to the fixed image (for refinement from scratch).
+
+    With ``prompts`` it is a textSCF network for those regions; without (no regions), the shared filter alone
+    (the ``no_scf`` head: the plain LKU-Net).
+    """
     from textscf.train import build_model
 
-    preset = load_preset(options.preset) if options.preset else None
-    modality = preset.modality if preset else ("ct" if _background(fixed) < -500 else "mri")
-    # The network sees the image at 1/grid_factor resolution (features at half of that); the field is
-    # upsampled to the full grid. grid_factor 2 keeps CPU refinement at ~seconds per iteration.
-    factor = float(options.fresh_grid_factor)
+    # The network sees the image at 1/factor resolution (features at half of that); the field is upsampled to the
+    # full grid. The schedule's factor (2, coarser for large images) keeps CPU refinement at seconds per step.
+    factor = fresh_grid_factor(fixed.GetSize(), device) if options.fresh_grid_factor is None \
+        else float(options.fresh_grid_factor)
     if factor < 1:
         raise InputError(f"fresh_grid_factor must be >= 1, got {factor}")
     spacing = tuple(s * factor for s in fixed.GetSpacing())
-    shape = tuple(int(16 * np.ceil(n / factor / 16)) for n in fixed.GetSize())
+    shape = fresh_grid_shape(fixed.GetSize(), factor)
+    names, values, template = (prompts.region_names, prompts.label_values, prompts.template) if prompts else \
+        ([], [], "photo")
     return build_model(
-        prompts.region_names, prompts.label_values, "onehot", prompts.template, start_channels=8, hidden_channels=64,
-        modality=modality, spacing=spacing, input_shape=shape, direction=fixed.GetDirection(), seed=options.seed,
+        names, values, "onehot", template, start_channels=8, hidden_channels=64,
+        head="textscf" if prompts else "no_scf", modality=pair_modality(fixed, options), spacing=spacing,
+        input_shape=shape, direction=fixed.GetDirection(), seed=options.seed,
     )
 
 
 def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: Prompts,
-                  options: RegistrationOptions, device: torch.device) -> Segmentation:
-    """Regions and confidence of the fixed image from the user's label map, else from SwinUNETR."""
+                  options: RegistrationOptions, device: torch.device) -> Segmentation | None:
+    """Regions and confidence of the fixed image from the user's label map, else from SwinUNETR, else None (no
+    regions: the network's shared filter alone registers the pair)."""
     if fixed_labels is not None:
         segmentor = LabelMapSegmentor(_clear_background_labels(fixed_labels, prompts), prompts.label_values,
                                       prompts.region_names, options.unmapped_labels)
         return segmentor.predict(fixed)
     if not options.segmentor_weights:
-        raise InputError(
-            "no fixed label map and no segmentor weights: give the fixed image's label map (--fixed-labels) or "
-            "SwinUNETR weights (--segmentor-weights, a state dict or MONAI bundle folder)"
-        )
+        return None
     segmentor = SwinUNETRSegmentor(
         options.segmentor_weights, prompts.region_names, feature_size=options.segmentor_feature_size, device=str(device)
     )
@@ -373,6 +459,62 @@ def check_overlap(fixed: sitk.Image, moving: sitk.Image, transform: sitk.Transfo
     return fraction
 
 
+def _fresh_prompts(options: RegistrationOptions, has_regions: bool) -> Prompts | None:
+    """The prompts of a fresh network: needed to map the fixed regions; None without regions (shared filter)."""
+    try:
+        return resolve_prompts(None, options)
+    except PromptError:
+        if has_regions:
+            raise
+        return None
+
+
+def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.device,
+                 has_regions: bool) -> tuple[TextSCFNet, str, Prompts, Schedule]:
+    """The network, where it came from, the prompts and the schedule it runs (defaults, or the options' steps).
+
+    A checkpoint named in the options is used as it is. Without one, the bundled model is used when it was trained
+    on this pair's modality; otherwise (e.g. an MRI pair and the bundled CT model) a fresh network is refined on the
+    pair, as the default schedule for it says. ``checkpoint="fresh"`` asks for a fresh network explicitly and then
+    needs the refinement steps too.
+    """
+    requested = options.checkpoint
+    wants_refinement = options.refine_iterations is None or options.refine_iterations > 0
+    reason = ""
+    if (requested or "").lower() == "fresh":
+        if not options.refine_iterations or options.refine_iterations <= 0:
+            raise InputError("a fresh (untrained) network needs instance optimisation: give --refine N (e.g. 150)")
+        net, source, reason = None, "fresh", "a fresh network was asked for"
+    else:
+        path = Path(requested) if requested else bundled_model_path()
+        net, _ = load_checkpoint(path)
+        source = str(path)
+        modality = pair_modality(fixed, options)
+        if requested is None and wants_refinement and net.config.modality != modality:
+            reason = (f"the bundled model was trained on {net.config.modality.upper()} and this pair is "
+                      f"{modality.upper()}: a fresh network is refined on it instead")
+            net, source = None, "fresh"
+        elif requested is None:
+            reason = "the bundled model"
+    if net is None:
+        prompts = _fresh_prompts(options, has_regions)
+        net = fresh_model(fixed, prompts, options, device)
+        if prompts is None:
+            prompts = Prompts([], [], net.config.template)
+    else:
+        prompts = resolve_prompts(net, options)
+    if options.integrate is not None and options.integrate != net.config.integrate:
+        from textscf.warp import ScalingAndSquaring
+        net.config.integrate = bool(options.integrate)
+        net.integrator = ScalingAndSquaring(net.config.integration_steps) if options.integrate else None
+    if not has_regions:
+        reason = "; ".join(filter(None, [reason, "no fixed label map and no segmentor: no regions"]))
+    schedule = with_steps(default_schedule(source if source == "fresh" else "checkpoint", net.config.input_shape,
+                                           device, has_regions, reason),
+                          options.refine_iterations, options.refine_field_iterations)
+    return net, source, prompts, schedule
+
+
 def register(
     fixed: sitk.Image,
     moving: sitk.Image,
@@ -382,17 +524,24 @@ def register(
     initial_transform: sitk.Transform | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    log: LogCallback | None = None,
 ) -> RegistrationResult:
     """Register ``moving`` to ``fixed``; every output lies on the fixed image's grid.
 
     Args:
         fixed, moving: 3-D scalar images (any grids, physical LPS space).
         options: :class:`RegistrationOptions` (defaults: bundled model, its prompts, centre alignment).
-        fixed_labels: the fixed image's label map (stands in for the segmentor; confidence 1).
-        moving_labels: the moving image's label map, for Dice/HD95 before and after.
+        fixed_labels: the fixed image's label map (stands in for the segmentor; confidence 1). Without it and
+            without segmentor weights the pair is registered without regions (the shared filter alone).
+        moving_labels: the moving image's label map, for Dice/HD95 before and after and the warped labels; it
+            enters the refinement loss only with ``options.refine_use_moving_labels``.
         initial_transform: a resampling-convention transform (fixed -> moving) to start from; replaces ``init``.
-        progress: called with (stage name, overall fraction in [0, 1]) at each stage start.
-        cancel: polled between stages; when it returns True, CancelledError is raised.
+        progress: ``progress(stage, fraction, seconds_left)``: at each stage start and after every refinement
+            step; the fraction of the whole run never decreases, ``seconds_left`` is an estimate or None. A callback
+            taking ``(stage, fraction)`` only is called at the stage starts.
+        cancel: polled between stages and before every refinement step; when it returns True, CancelledError is
+            raised.
+        log: receives lines for the user as the run goes (the schedule chosen).
 
     Returns:
         :class:`textscf.results.RegistrationResult`.
@@ -405,31 +554,29 @@ def register(
 
     with steps.stage("load model"):
         device, note = select_device(options.device)
-        if (options.checkpoint or "").lower() == "fresh":
-            if options.refine_iterations <= 0:
-                raise InputError("a fresh (untrained) network needs instance optimisation: give --refine N (e.g. 200)")
-            checkpoint = "fresh"
-            net = fresh_model(fixed, resolve_prompts(None, options), options)
-        else:
-            checkpoint = Path(options.checkpoint) if options.checkpoint else bundled_model_path()
-            net, _ = load_checkpoint(checkpoint)
-        if options.integrate is not None and options.integrate != net.config.integrate:
-            from textscf.warp import ScalingAndSquaring
-            net.config.integrate = bool(options.integrate)
-            net.integrator = ScalingAndSquaring(net.config.integration_steps) if options.integrate else None
-        prompts = resolve_prompts(net, options)
+        has_regions = fixed_labels is not None or bool(options.segmentor_weights)
+        net, checkpoint, prompts, schedule = load_network(fixed, options, device, has_regions)
         text_matrix, rows = text_matrix_for(net, prompts)
         net.set_text_matrix(text_matrix)
+        guide = _check_label_guidance(options, schedule, moving_labels, has_regions)
         if note:
             warnings.warn(note, stacklevel=2)
             stats["device_note"] = note
+        stats["schedule"] = schedule.as_dict()
+        stats["moving_labels"] = ("scoring and the refinement loss (Dice weight "
+                                  f"{options.refine_label_weight:g})" if guide else
+                                  "scoring only" if moving_labels is not None else "none")
+        if log is not None:
+            log(f"schedule: {schedule.describe()}")
+            if moving_labels is not None and fixed_labels is None:
+                log("the moving label map is warped, but Dice/HD95 need the fixed label map too (--fixed-labels)")
 
     with steps.stage("segment fixed image"):
         seg = segment_fixed(fixed, fixed_labels, prompts, options, device)
         moving_seg = None
-        if moving_labels is not None:
+        if moving_labels is not None and prompts.region_names:
             # Same validation as the fixed map (integer, prompts for every value, same grid as its image);
-            # its "region absent" warnings would repeat the fixed map's. Refinement reuses the regions.
+            # its "region absent" warnings would repeat the fixed map's. Guided refinement reuses the regions.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
@@ -446,31 +593,38 @@ def register(
         stats["overlap_after_initial_alignment"] = round(check_overlap(fixed, moving, init, how), 4)
 
     with steps.stage("resample to model grid"):
-        body = sitk.Cast(seg.labels > 0, sitk.sitkUInt8) if _has_foreground(seg.labels) else None
+        body = sitk.Cast(seg.labels > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.labels) else None
         grid = model_grid(net.config, fixed, body)
         fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
         moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
-        # Region indices -> rows of the text matrix the prompts use.
-        lut = np.array([0] + rows, dtype=np.int64)
-        regions_m = lut[image_to_array(resample_to_grid(seg.labels, grid, None, "nearest", 0)).astype(np.int64)]
-        confidence_m = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(np.float32)
+        if seg is None:  # no regions: every voxel is background with confidence 0, so only w_r acts
+            regions_m = np.zeros(grid.shape, np.int64)
+            confidence_m = np.zeros(grid.shape, np.float32)
+        else:
+            # Region indices -> rows of the text matrix the prompts use.
+            lut = np.array([0] + rows, dtype=np.int64)
+            regions_m = lut[image_to_array(resample_to_grid(seg.labels, grid, None, "nearest", 0)).astype(np.int64)]
+            confidence_m = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(
+                np.float32)
 
     with steps.stage("register"):
-        if options.refine_iterations > 0:
+        if schedule.steps > 0:
             from textscf.refine import RefineSettings, refine_on_pair
 
             moving_regions_m = None
-            if moving_seg is not None and options.refine_use_moving_labels:
+            if guide:
                 moving_regions_m = lut[image_to_array(
                     resample_to_grid(moving_seg.labels, grid, init, "nearest", 0)).astype(np.int64)]
             settings = RefineSettings(
-                iterations=options.refine_iterations, learning_rate=options.refine_learning_rate,
-                smooth_weight=options.refine_smooth_weight,
+                iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
+                smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
                 similarity=_similarity_for(net, options.refine_similarity), seed=options.seed,
-                field_iterations=options.refine_field_iterations,
+                field_iterations=schedule.field_steps,
             )
+            steps.plan_refinement(schedule.estimated_seconds)
             refined = refine_on_pair(net, moving_m, fixed_m, regions_m, confidence_m, moving_regions_m,
-                                     settings=settings, device=device, cancel=steps.check_cancel)
+                                     settings=settings, device=device, cancel=steps.check_cancel,
+                                     progress=steps.refinement_step)
             u_model, run_note = refined.displacement, None
             stats["refine"] = refined.summary()
         else:
@@ -535,6 +689,27 @@ def register(
         region_names=["background"] + list(prompts.region_names),
         initial_transform=init,
     )
+
+
+def _check_label_guidance(options: RegistrationOptions, schedule: Schedule, moving_labels: sitk.Image | None,
+                          has_regions: bool) -> bool:
+    """Whether the moving label map enters the refinement loss; InputError when that was asked but cannot be."""
+    if not options.refine_use_moving_labels:
+        return False
+    if moving_labels is None:
+        raise InputError("guiding the refinement with labels needs the moving label map: give --moving-labels with "
+                         "--guide-with-labels, or leave out --guide-with-labels")
+    if not has_regions:
+        raise InputError("guiding the refinement with labels compares the warped moving label map with the fixed "
+                         "image's regions: give --fixed-labels (or --segmentor-weights), or leave out "
+                         "--guide-with-labels")
+    if schedule.steps <= 0:
+        raise InputError("guiding with labels acts through the refinement, and this run has none: give --refine N "
+                         "(e.g. 12), or leave out --guide-with-labels")
+    if options.refine_label_weight <= 0:
+        raise InputError(f"the label loss weight must be > 0 when guiding with labels, got "
+                         f"{options.refine_label_weight:g}")
+    return True
 
 
 def _clear_background_labels(labels: sitk.Image, prompts: Prompts) -> sitk.Image:

@@ -19,6 +19,7 @@ import torch
 from textscf.errors import InputError
 from textscf.losses import RegistrationLoss, one_hot_regions
 from textscf.networks.textscf_net import TextSCFNet
+from textscf.schedule import FIELD_STEP_COST
 from textscf.warp import SpatialTransformer, resize_field
 
 PARAMETER_GROUPS = ("all", "head")
@@ -102,6 +103,45 @@ class _Plateau:
         return self.patience > 0 and self.since_best >= self.patience
 
 
+class _Pace:
+    """Steps done and seconds left across the two phases (network steps, then field steps)."""
+
+    def __init__(self, network_steps: int, field_steps: int):
+        self.planned = {"network": network_steps, "field": field_steps}
+        self.counted = {"network": 0, "field": 0}  # steps run, or skipped by an early stop
+        self.timed = {"network": [0, 0.0], "field": [0, 0.0]}  # steps run and their seconds
+
+    @property
+    def done(self) -> int:
+        return sum(self.counted.values())
+
+    def step_done(self, phase: str, seconds: float) -> None:
+        self.counted[phase] += 1
+        self.timed[phase][0] += 1
+        self.timed[phase][1] += seconds
+
+    def skip_rest(self, phase: str) -> None:
+        self.counted[phase] = self.planned[phase]
+
+    def _seconds_per_step(self, phase: str) -> float | None:
+        steps, seconds = self.timed[phase]
+        if steps:
+            return seconds / steps
+        network = self._seconds_per_step("network") if phase == "field" else None
+        return None if network is None else FIELD_STEP_COST * network
+
+    def seconds_left(self) -> float | None:
+        total = 0.0
+        for phase in ("network", "field"):
+            remaining = self.planned[phase] - self.counted[phase]
+            if remaining > 0:
+                per_step = self._seconds_per_step(phase)
+                if per_step is None:
+                    return None
+                total += remaining * per_step
+        return total
+
+
 def reset_weights(net: TextSCFNet, seed: int) -> None:
     """A fresh initialisation (the authors' scheme: default layers, near-zero output layer)."""
     net.initialise("reference", seed)
@@ -129,7 +169,7 @@ def refine_on_pair(
     settings: RefineSettings | None = None,
     device: torch.device | str = "cpu",
     cancel: Callable[[], None] | None = None,
-    progress: Callable[[int, int, float], None] | None = None,
+    progress: Callable[[int, int, float | None], None] | None = None,
     fresh: bool = False,
 ) -> RefineResult:
     """Optimise a copy of ``net`` on one pair; ``net`` itself is left unchanged.
@@ -141,8 +181,10 @@ def refine_on_pair(
         confidence: ``(I, J, K)`` in [0, 1] or None (1).
         moving_regions: ``(I, J, K)`` int, the moving image's regions on the same grid; adds the Dice term.
         settings: :class:`RefineSettings`.
-        cancel: called every step; it raises to stop (e.g. :class:`textscf.errors.CancelledError`).
-        progress: called as ``progress(step, total_steps, loss)``.
+        cancel: called before every step; it raises to stop (e.g. :class:`textscf.errors.CancelledError`).
+        progress: called after every step as ``progress(steps_done, total_steps, seconds_left)``: steps of both
+            phases, those skipped by an early stop counted as done (so it only grows); seconds left from the pace
+            measured so far (None before the first step).
         fresh: start from a fresh initialisation instead of ``net``'s weights.
 
     Returns:
@@ -190,29 +232,32 @@ def refine_on_pair(
 
         bar = tqdm(total=total_steps, desc="refine", unit="it", leave=False)
 
-    done = 0
+    pace = _Pace(settings.iterations, settings.field_iterations)
 
-    def optimise(parameters, learning_rate, iterations, loss_fn) -> tuple[int, bool]:
+    def optimise(parameters, learning_rate, iterations, loss_fn, phase: str) -> tuple[int, bool]:
         """Adam steps on ``loss_fn()`` until ``iterations`` or a plateau; returns (steps run, stopped early)."""
-        nonlocal done
         optimiser = torch.optim.Adam(parameters, lr=learning_rate)
         plateau = _Plateau(settings.patience, settings.min_improvement)
         for step in range(iterations):
             if cancel is not None:
                 cancel()
+            started = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
             optimiser.step()
             value = float(loss.detach())
             result.losses.append(value)
-            done += 1
+            pace.step_done(phase, time.perf_counter() - started)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{value:.4g}")
+            stop = plateau.update(value)
+            if stop:
+                pace.skip_rest(phase)
             if progress is not None:
-                progress(done, total_steps, value)
-            if plateau.update(value):
+                progress(pace.done, total_steps, pace.seconds_left())
+            if stop:
                 return step + 1, True
         return iterations, False
 
@@ -222,7 +267,8 @@ def refine_on_pair(
 
     try:
         result.iterations_run, result.stopped_early = optimise(
-            _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss)
+            _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss,
+            "network")
         model.eval()
         with torch.no_grad():
             displacement = model(m, f, regions, p).displacement.detach()
@@ -237,7 +283,7 @@ def refine_on_pair(
                 return loss_of(full, transformer(m, full), full)
 
             result.field_iterations_run, _ = optimise([half], settings.field_learning_rate,
-                                                      settings.field_iterations, field_loss)
+                                                      settings.field_iterations, field_loss, "field")
             displacement = resize_field(half.detach(), size)
     finally:
         if bar is not None:

@@ -1,0 +1,211 @@
+"""The defaults of register(): the schedule that runs (and that the report records), any pair registering with or
+without regions, scoring labels that never change the field, and progress that moves through the refinement.
+
+Small inputs: the abdominal phantom pair at 8 mm (48 x 40 x 64 voxels) and the tiny random-init checkpoint of
+conftest (a 48 x 48 x 64 grid), so the default schedule's 12 + 30 steps take seconds.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from textscf import metrics
+from textscf.cli import EXIT_OK, build_parser, main
+from textscf.errors import CancelledError, InputError
+from textscf.phantom import make_example_pair
+from textscf.pipeline import STAGES, RegistrationOptions, register
+from textscf.schedule import (
+    CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS, default_schedule, estimate_refine_seconds, with_steps,
+)
+from textscf.spatial import image_to_array
+
+SHAPE, SPACING = (48, 40, 64), (8.0, 8.0, 8.0)
+DEFAULTS = dict(refine_iterations=None, refine_field_iterations=None)  # what `textscf register` passes
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return make_example_pair(seed=0, shape=SHAPE, spacing=SPACING)
+
+
+@pytest.fixture()
+def pair_files(pair, tmp_path):
+    paths = {}
+    for name in ("fixed", "moving", "fixed_labels", "moving_labels"):
+        paths[name] = tmp_path / f"{name}.nii.gz"
+        sitk.WriteImage(pair[name], str(paths[name]))
+    return paths
+
+
+def _options(checkpoint, **extra) -> RegistrationOptions:
+    return RegistrationOptions(checkpoint=str(checkpoint), preset="abdomen-ct", device="cpu",
+                               unmapped_labels="background", **extra)
+
+
+def _field(result) -> np.ndarray:
+    return sitk.GetArrayFromImage(result.displacement)
+
+
+def _mean_dice(labels_a: sitk.Image, labels_b: sitk.Image) -> float:
+    a, b = image_to_array(labels_a), image_to_array(labels_b)
+    values = sorted(set(np.unique(a).tolist()) - {0})
+    return float(np.mean(list(metrics.dice_per_label(a, b, values).values())))
+
+
+# ------------------------------------------------------------------------------------------------ the schedule
+
+def test_schedule_defaults_options_and_estimates():
+    bundled = default_schedule("checkpoint", (96, 80, 128), "cpu")
+    assert (bundled.network_steps, bundled.field_steps) == (CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS)
+    assert bundled.chosen_by == "defaults" and bundled.regions
+    assert bundled.estimated_seconds == pytest.approx(estimate_refine_seconds((96, 80, 128), 12, 30, "cpu"))
+    assert default_schedule("checkpoint", (96, 80, 128), "cuda").estimated_seconds < bundled.estimated_seconds
+    fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False)
+    assert fresh.steps > bundled.steps and not fresh.regions and "plain LKU-Net" in fresh.describe()
+    # The user's steps replace the defaults and say so; --refine 0 alone is the network's forward pass alone.
+    assert with_steps(bundled, None, None) is bundled
+    mine = with_steps(bundled, 50, None)
+    assert (mine.network_steps, mine.field_steps, mine.chosen_by) == (50, 30, "options")
+    assert with_steps(bundled, 0, None).steps == 0
+
+
+def test_cli_demo_and_register_take_the_default_schedule():
+    parser = build_parser()
+    register_args = parser.parse_args(["register", "f.nii.gz", "m.nii.gz", "-o", "out"])
+    assert (register_args.refine, register_args.refine_field, register_args.guide_with_labels) == (None, None, False)
+    assert parser.parse_args(["demo"]).refine is None
+
+
+def test_register_without_options_runs_the_default_schedule_and_reports_it(pair_files, tmp_path,
+                                                                           tiny_abdomen_checkpoint, capsys):
+    out = tmp_path / "out"
+    argv = ["register", str(pair_files["fixed"]), str(pair_files["moving"]), "-o", str(out),
+            "--checkpoint", str(tiny_abdomen_checkpoint), "--fixed-labels", str(pair_files["fixed_labels"]),
+            "--moving-labels", str(pair_files["moving_labels"]), "--preset", "abdomen-ct",
+            "--unmapped-labels", "background", "--device", "cpu", "--quiet", "--no-qc"]
+    assert main(argv) == EXIT_OK
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    expected = default_schedule("checkpoint", (48, 48, 64), "cpu", has_regions=True).as_dict()
+    assert {k: v for k, v in report["schedule"].items() if k != "reason"} == \
+        {k: v for k, v in expected.items() if k != "reason"}
+    # What ran is what the schedule says (the plateau stop cannot cut 12 network steps: its patience is 25).
+    assert report["refine"]["iterations"] == CHECKPOINT_NETWORK_STEPS
+    assert 0 < report["refine"]["field_iterations"] <= CHECKPOINT_FIELD_STEPS
+    assert report["moving_labels"] == "scoring only"
+    printed = capsys.readouterr().out
+    assert "schedule: the checkpoint's network (textSCF with the fixed image's regions), refined on this pair: " \
+           "12 network + 30 field steps" in printed
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+def test_scoring_labels_never_change_the_field(pair, tiny_abdomen_checkpoint):
+    labels = dict(fixed_labels=pair["fixed_labels"])
+    options = _options(tiny_abdomen_checkpoint, **DEFAULTS)
+    scored = register(pair["fixed"], pair["moving"], options, moving_labels=pair["moving_labels"], **labels)
+    unscored = register(pair["fixed"], pair["moving"], options, **labels)
+    np.testing.assert_array_equal(_field(scored), _field(unscored))  # bit for bit on the CPU
+    assert "mean_dice" in scored.stats and "mean_dice" not in unscored.stats
+    assert scored.stats["moving_labels"] == "scoring only"
+
+    guided = register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, refine_use_moving_labels=True,
+                                                               **DEFAULTS),
+                      moving_labels=pair["moving_labels"], **labels)
+    assert not np.array_equal(_field(guided), _field(scored))  # only the guidance option puts them in the loss
+    assert guided.stats["moving_labels"].startswith("scoring and the refinement loss")
+
+
+def test_guidance_without_what_it_needs_is_refused(pair, tiny_abdomen_checkpoint):
+    guided = _options(tiny_abdomen_checkpoint, refine_use_moving_labels=True, **DEFAULTS)
+    with pytest.raises(InputError, match="--moving-labels"):
+        register(pair["fixed"], pair["moving"], guided, fixed_labels=pair["fixed_labels"])
+    with pytest.raises(InputError, match="--fixed-labels"):
+        register(pair["fixed"], pair["moving"], guided, moving_labels=pair["moving_labels"])
+    with pytest.raises(InputError, match="--refine"):
+        register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, refine_use_moving_labels=True),
+                 fixed_labels=pair["fixed_labels"], moving_labels=pair["moving_labels"])
+
+
+def test_label_loss_weight_needs_guidance(pair_files, tmp_path, tiny_abdomen_checkpoint, capsys):
+    code = main(["register", str(pair_files["fixed"]), str(pair_files["moving"]), "-o", str(tmp_path / "out"),
+                 "--checkpoint", str(tiny_abdomen_checkpoint), "--label-loss-weight", "0.5", "--quiet"])
+    assert code == 2 and "--guide-with-labels" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ any pair
+
+def test_a_pair_without_regions_registers_and_beats_unregistered_dice(pair, pair_files, tmp_path,
+                                                                       tiny_abdomen_checkpoint, capsys):
+    """No label map, no segmentor: the shared filter alone (plain LKU-Net), refined by the default schedule; the
+    warped moving labels, scored afterwards against the fixed labels, overlap more than before registration."""
+    out = tmp_path / "out"
+    assert main(["register", str(pair_files["fixed"]), str(pair_files["moving"]), "-o", str(out),
+                 "--checkpoint", str(tiny_abdomen_checkpoint), "--moving-labels", str(pair_files["moving_labels"]),
+                 "--unmapped-labels", "background", "--device", "cpu", "--quiet", "--no-qc"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "no regions: the shared filter w_r alone" in printed
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    assert report["schedule"]["regions"] is False and report["schedule"]["network_steps"] == CHECKPOINT_NETWORK_STEPS
+    warped = sitk.ReadImage(str(out / "warped_labels.nii.gz"))
+    unregistered = _mean_dice(pair["moving_labels"], pair["fixed_labels"])  # same grid: the identity
+    registered = _mean_dice(warped, pair["fixed_labels"])
+    assert registered > unregistered + 0.05, (unregistered, registered)
+
+
+def test_an_mri_pair_without_a_model_gets_a_fresh_network(pair):
+    """The bundled model is a CT model: for an MRI-like pair (background 0) and no checkpoint named, the schedule
+    refines a fresh network without regions on it instead, and says why."""
+    def as_mri(image):
+        return sitk.Cast(sitk.Clamp(image + 1000.0, lowerBound=0.0), sitk.sitkFloat32)
+
+    options = RegistrationOptions(device="cpu", refine_iterations=3, refine_field_iterations=2)
+    result = register(as_mri(pair["fixed"]), as_mri(pair["moving"]), options)
+    schedule = result.stats["schedule"]
+    assert schedule["network"] == "fresh" and schedule["regions"] is False
+    assert "trained on CT and this pair is MRI" in schedule["reason"]
+    assert (schedule["network_steps"], schedule["field_steps"], schedule["chosen_by"]) == (3, 2, "options")
+    assert result.stats["checkpoint"] == "fresh" and result.stats["refine"]["iterations"] == 3
+
+
+# ------------------------------------------------------------------------------------------------ progress
+
+def test_progress_advances_monotonically_through_the_refinement(pair, tiny_abdomen_checkpoint):
+    updates = []
+    register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, **DEFAULTS),
+             fixed_labels=pair["fixed_labels"], progress=lambda *update: updates.append(update))
+    fractions = [fraction for _, fraction, _ in updates]
+    assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
+    during = [(fraction, left) for stage, fraction, left in updates if stage == "register"]
+    steps = CHECKPOINT_NETWORK_STEPS + CHECKPOINT_FIELD_STEPS
+    assert len(during) >= steps  # one update per refinement step (and the stage start)
+    assert len({fraction for fraction, _ in during}) >= steps  # each step moves the bar
+    assert during[-1][0] - during[0][0] > 0.5  # refinement is most of the run, and most of the bar
+    lefts = [left for _, left in during[2:]]
+    assert all(left is not None and left >= 0 for left in lefts) and lefts[-1] < lefts[0]
+    assert [stage for stage, _, _ in updates if stage != "register"] == \
+        [name for name, _ in STAGES if name != "register"] + ["done"]
+
+    # A callback that takes (stage, fraction) gets the stage starts, as before.
+    starts = []
+    register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, refine_iterations=2),
+             fixed_labels=pair["fixed_labels"], progress=lambda stage, fraction: starts.append(stage))
+    assert starts == [name for name, _ in STAGES] + ["done"]
+
+
+def test_cancel_during_refinement_stops_within_one_step(pair, tiny_abdomen_checkpoint):
+    steps_seen, requested_at = [], []
+
+    def progress(stage, fraction, seconds_left):
+        if stage == "register":
+            steps_seen.append(fraction)
+            if len(steps_seen) == 4 and not requested_at:  # the stage start, the plan, then two steps
+                requested_at.append(len(steps_seen))
+
+    with pytest.raises(CancelledError):
+        register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, **DEFAULTS),
+                 fixed_labels=pair["fixed_labels"], progress=progress, cancel=lambda: bool(requested_at))
+    assert len(steps_seen) - requested_at[0] <= 1
