@@ -135,16 +135,8 @@ TORCH_REQUIREMENT = next(r["requirement"][len("torch"):] for r in _engineRequire
 # (their package metadata). With numpy 2 and an older torch, MONAI cannot be installed without breaking Slicer.
 TORCH_FOR_NUMPY2 = "2.4.1"
 
-# A fresh network refined on the pair (what works for regions or a modality the chosen model does not know): the
-# settings that registered brain MRI in the README's benchmark.
-FRESH_REFINE_ITERATIONS = 150
-FRESH_REFINE_FIELD_ITERATIONS = 50
-# Expected refinement time: seconds per network iteration and model-grid voxel, measured on a 2-core CPU (about
-# 1.2 s per iteration on the bundled model's 96 x 80 x 128 grid; 150 + 50 iterations on an 80 x 96 x 112 brain grid in
-# 258 s). Field iterations cost about a fifth of a network iteration. A CUDA GPU is taken as 20 times faster.
-REFINE_SECONDS_PER_VOXEL_CPU = 1.3e-6
-FIELD_ITERATION_COST = 0.2
-GPU_SPEEDUP = 20.0
+# The refinement schedules (the bundled model's, a fresh network's), their grids and expected times live in the
+# engine, in one place shared with `textscf register` and `textscf demo`: textscf.schedule (no torch needed).
 
 # Checkpoint configurations already read: (path, mtime, size) -> config dict.
 _MODEL_CONFIGS = {}
@@ -323,12 +315,16 @@ if parameterNodeWrapper is not None:
         modelSha256: str = ""
         promptTemplate: str = ""
         integration: Integration = Integration.MODEL_DEFAULT
-        # The bundled model is weakly trained: refine by default, as `textscf demo` does.
+        # Automatic: the engine's default schedule (textscf.schedule), as `textscf register` and `textscf demo` run
+        # it; the iterations below are used only when it is off (their defaults are the bundled model's schedule).
+        automaticSchedule: bool = True
         refineIterations: Annotated[int, WithinRange(0, 10000)] = 12
         refineLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-3
         refineSmoothWeight: Annotated[float, WithinRange(0.0, 100.0)] = 0.1
         refineFieldIterations: Annotated[int, WithinRange(0, 10000)] = 30
         seed: Annotated[int, WithinRange(0, 2147483647)] = 0
+        # The moving segmentation scores the result; only this puts it into the refinement loss.
+        guideWithMovingLabels: bool = False
         preset: str = "abdomen-ct"
         regionsJson: str = ""
         device: str = "auto"
@@ -460,6 +456,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             if self.ui.segmentorWeightsPathLineEdit.currentPath != p.segmentorWeights:
                 self.ui.segmentorWeightsPathLineEdit.currentPath = p.segmentorWeights
             self._updateModelSourceWidgets()
+            for widget in (self.ui.refineIterationsSpinBox, self.ui.refineFieldIterationsSpinBox):
+                widget.enabled = not p.automaticSchedule
         finally:
             self._updatingGui = False
         self._checkCanApply()
@@ -656,7 +654,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
     def _segmentorWeightsForApply(self):
         """Weights for the automatic segmentation when no fixed segmentation is given: the user's, else MONAI's
-        BTCV bundle from the cache, downloaded once (worker thread) after the user agrees. None: the user declined."""
+        BTCV bundle from the cache, downloaded once (worker thread) after the user agrees. "": no segmentor (a fixed
+        segmentation is given, or the user chose to register without regions)."""
         p = self._parameterNode
         if p.fixedSegmentation is not None:
             return ""
@@ -665,12 +664,13 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         bundle = self.logic.cachedSegmentorBundle()
         if bundle:
             return bundle
-        if not slicer.util.confirmOkCancelDisplay(
-                _("No fixed segmentation is selected, so TextSCF segments both volumes automatically with MONAI's "
-                  "SwinUNETR BTCV model (13 abdominal organs). Download it now (about 250 MB, once)?\n\nOr cancel "
-                  "and select a fixed segmentation, or point 'Segmentor weights' to weights on this computer."),
+        if not slicer.util.confirmYesNoDisplay(
+                _("No fixed segmentation is selected. TextSCF can segment both volumes automatically with MONAI's "
+                  "SwinUNETR BTCV model (13 abdominal organs): download it now (about 250 MB, once)?\n\nNo: register "
+                  "without regions (the network's shared filter alone, i.e. a plain LKU-Net), as for any pair. Or "
+                  "select a fixed segmentation, or point 'Segmentor weights' to weights on this computer."),
                 windowTitle=_("TextSCF automatic segmentation")):
-            return None
+            return ""
         self._onProgress(_("Downloading the segmentation model"), 0.0)
         return self._runInWorkerThread(self.logic.downloadSegmentorBundle)
 
@@ -701,7 +701,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
                     _("Downloading the model checkpoint"), fraction),
                 cancelCallback=self._isCancelRequested))
         if p.modelSource == ModelSource.FRESH:
-            if int(p.refineIterations) <= 0:
+            if not p.automaticSchedule and int(p.refineIterations) <= 0:
                 raise ValueError(_("A fresh network must be optimised on the pair: set 'Refine on this pair' "
                                    "iterations above 0 (e.g. 150) in the Advanced section."))
             return "fresh"
@@ -714,14 +714,15 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "init": p.initialAlignment.value,
             "device": p.device or "auto",
             "integrate": p.integration.option(),
-            "refine_iterations": int(p.refineIterations),
-            "refine_field_iterations": int(p.refineFieldIterations),
             "refine_learning_rate": float(p.refineLearningRate),
             "refine_smooth_weight": float(p.refineSmoothWeight),
+            "refine_use_moving_labels": bool(p.guideWithMovingLabels),
             "seed": int(p.seed),
             "template": p.promptTemplate.strip() or None,
             "checkpoint": self._checkpointFromGui(download=downloadCheckpoint),
         }
+        options.update(TextSCFRegistrationLogic.refineSteps(
+            p.automaticSchedule, p.refineIterations, p.refineFieldIterations, options["checkpoint"]))
         if p.preset == self.CUSTOM_PRESET:
             regions = self._readRegionsTable(strict=True)
             names, values = TextSCFRegistrationLogic.validateRegions(regions)
@@ -737,7 +738,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._running = running
         if running:
             self._cancelRequested = False
-            self._progress = (_("Starting"), 0.0)
+            self._progress = (_("Starting"), 0.0, None)
             self.ui.progressBar.setValue(0)
         for section in (self.ui.inputsCollapsibleButton, self.ui.regionsCollapsibleButton,
                         self.ui.modelCollapsibleButton, self.ui.outputsCollapsibleButton,
@@ -746,9 +747,12 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self.ui.cancelButton.enabled = running
         self._checkCanApply()
 
-    def _onProgress(self, stage, fraction):
-        """Progress callback: may run on the worker thread, so it only stores the values; the GUI thread shows them."""
-        self._progress = (stage, fraction)
+    def _onProgress(self, stage, fraction, secondsLeft=None):
+        """Progress callback: may run on the worker thread, so it only stores the values; the GUI thread shows them.
+
+        The registration's numbers are those the command line's bar shows: stage, fraction of the whole run (it moves
+        with every refinement step), seconds left (an estimate, None when unknown)."""
+        self._progress = (stage, fraction, secondsLeft)
         import threading
 
         if threading.current_thread() is threading.main_thread():
@@ -756,9 +760,9 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             slicer.app.processEvents()
 
     def _refreshProgress(self):
-        stage, fraction = self._progress
+        stage, fraction, secondsLeft = self._progress
         self.ui.progressBar.setValue(int(round(100 * max(0.0, min(1.0, fraction)))))
-        self.ui.statusLabel.text = stage
+        self.ui.statusLabel.text = TextSCFRegistrationLogic.progressText(stage, secondsLeft)
 
     def _isCancelRequested(self):
         return self._cancelRequested
@@ -766,7 +770,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onCancelButton(self):
         self._cancelRequested = True
         self.ui.cancelButton.enabled = False
-        self.ui.statusLabel.text = _("Cancelling after the current stage...")
+        self.ui.statusLabel.text = _("Cancelling after the current step...")
 
     def _runInWorkerThread(self, call):
         """Run ``call`` (the engine, which touches no MRML node) on a worker thread and keep the GUI alive.
@@ -824,9 +828,6 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             p = self._parameterNode
             options = self._optionsFromGui()
             weights = self._segmentorWeightsForApply()
-            if weights is None:
-                self.ui.statusLabel.text = _("Not started: select a fixed segmentation or segmentor weights.")
-                return
             if weights:
                 options["segmentor_weights"] = weights
             plan = self.logic.modelPlan(options, p.fixedVolume, torchAvailable=True)
@@ -1664,25 +1665,36 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         return payload["config"]
 
     @staticmethod
-    def estimateRefineSeconds(gridShape, iterations, fieldIterations, device="cpu"):
-        """Expected seconds of refinement on a model grid of ``gridShape`` voxels (see REFINE_SECONDS_PER_VOXEL_CPU)."""
-        voxels = float(np.prod([int(n) for n in gridShape]))
-        seconds = voxels * REFINE_SECONDS_PER_VOXEL_CPU * (int(iterations) + FIELD_ITERATION_COST * int(fieldIterations))
-        return seconds / GPU_SPEEDUP if str(device).startswith("cuda") else seconds
+    def refineSteps(automatic, iterations, fieldIterations, checkpoint=None):
+        """The refinement-step options: None (the engine's default schedule) when ``automatic``, else the given ones.
+
+        A fresh network asked for by name needs its steps spelled out: automatic gives it the schedule's.
+        """
+        if not automatic:
+            return {"refine_iterations": int(iterations), "refine_field_iterations": int(fieldIterations)}
+        if str(checkpoint or "").lower() == "fresh":
+            from textscf.schedule import FRESH_FIELD_STEPS, FRESH_NETWORK_STEPS
+
+            return {"refine_iterations": FRESH_NETWORK_STEPS, "refine_field_iterations": FRESH_FIELD_STEPS}
+        return {"refine_iterations": None, "refine_field_iterations": None}
 
     @staticmethod
-    def _duration(seconds):
-        if seconds < 90:
-            return _("about {0} s").format(int(round(max(seconds, 1.0))))
-        return _("about {0} min").format(int(round(seconds / 60.0)))
+    def progressText(stage, secondsLeft=None):
+        """The status line under the progress bar: the stage and, when known, the time left."""
+        from textscf.schedule import describe_duration
+
+        if secondsLeft is None:
+            return stage
+        return _("{0} ({1} left)").format(stage, describe_duration(secondsLeft))
 
     def modelPlan(self, options, fixedVolumeNode=None, torchAvailable=None):
-        """Whether the chosen model can use the chosen regions, and what to run instead; decided before Apply.
+        """What Apply will run: whether the chosen model can use the chosen regions, the schedule, the expected time.
 
         A one-hot model (the bundled one) knows only the regions it was trained with and its modality. For other
         regions (the brain preset, a new name such as "lung") or another modality, the plan switches to a fresh
-        network refined on the pair (``FRESH_REFINE_ITERATIONS`` + ``FRESH_REFINE_FIELD_ITERATIONS`` iterations, or
-        more if asked) and says so, with the expected time.
+        network refined on the pair (the engine's fresh schedule, ``textscf.schedule.FRESH_NETWORK_STEPS`` +
+        ``FRESH_FIELD_STEPS`` iterations, or more if asked) and says so, with the expected time. The steps are the
+        engine's default schedule (``textscf.schedule.default_schedule``) when ``refine_iterations`` is None.
 
         :param options: dict of ``RegistrationOptions`` fields (as the widget builds them).
         :param fixedVolumeNode: sizes the fresh network's grid for the time estimate (optional).
@@ -1693,6 +1705,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         import importlib.util
 
+        from textscf import schedule as plans
         from textscf.presets import load_preset, model_rows
 
         options = dict(options or {})
@@ -1702,27 +1715,36 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         names = options.get("region_names") or (list(preset.region_names) if preset else None)
         plan = {"switched": False, "options": options, "message": "", "estimatedSeconds": None}
 
-        def freshGridShape():
+        def fixedSize():
             if fixedVolumeNode is None or fixedVolumeNode.GetImageData() is None:
                 return None
-            factor = float(options.get("fresh_grid_factor", 2.0))
-            dims = fixedVolumeNode.GetImageData().GetDimensions()
-            return [int(16 * np.ceil(n / factor / 16)) for n in dims]
+            return fixedVolumeNode.GetImageData().GetDimensions()
+
+        def steps():
+            """(network, field) steps of the options: None = the default schedule (automatic); absent =
+            RegistrationOptions' default, no refinement."""
+            return options.get("refine_iterations", 0), options.get("refine_field_iterations", 0)
+
+        def schedule(network, grid):
+            """The engine's schedule for this network and grid, with the steps of the options when they are set."""
+            return plans.with_steps(plans.default_schedule(network, grid, device), *steps())
 
         def describeFresh(prefix):
-            shape = freshGridShape()
-            iterations = int(options["refine_iterations"])
-            fieldIterations = int(options.get("refine_field_iterations", 0))
+            size = fixedSize()
+            factor = options.get("fresh_grid_factor")
+            grid = None if size is None else (plans.fresh_grid_for(size, device) if factor is None
+                                              else plans.fresh_grid_shape(size, float(factor)))
+            chosen = schedule("fresh", grid or (16, 16, 16))
             text = prefix + _("a fresh network refined on this pair: {0} + {1} iterations").format(
-                iterations, fieldIterations)
-            if shape is not None:
-                plan["estimatedSeconds"] = self.estimateRefineSeconds(shape, iterations, fieldIterations, device)
-                text += _(", {0} on {1}").format(self._duration(plan["estimatedSeconds"]), deviceLabel)
+                chosen.network_steps, chosen.field_steps)
+            if grid is not None:
+                plan["estimatedSeconds"] = chosen.estimated_seconds
+                text += _(", {0} on {1}").format(plans.describe_duration(chosen.estimated_seconds), deviceLabel)
             return text + "."
 
         checkpoint = options.get("checkpoint")
         if str(checkpoint or "").lower() == "fresh":
-            if int(options.get("refine_iterations", 0)) > 0:
+            if steps()[0] is None or int(steps()[0]) > 0:
                 plan["message"] = describeFresh(_("Model: "))
             else:
                 plan["message"] = _("A fresh network must be refined on the pair: set 'Refine on this pair' above 0.")
@@ -1746,17 +1768,18 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             problems.append(_("{0} was trained on {1}, not {2}").format(
                 modelName, config["modality"].upper(), preset.modality.upper()))
         if not problems:
-            iterations = int(options.get("refine_iterations", 0))
-            if iterations > 0 and config.get("input_shape"):
-                plan["estimatedSeconds"] = self.estimateRefineSeconds(
-                    config["input_shape"], iterations, int(options.get("refine_field_iterations", 0)), device)
-                plan["message"] = _("Model: {0}, refined on this pair ({1} on {2}).").format(
-                    modelName, self._duration(plan["estimatedSeconds"]), deviceLabel)
+            if config.get("input_shape"):
+                chosen = schedule("checkpoint", config["input_shape"])
+                if chosen.steps > 0:
+                    plan["estimatedSeconds"] = chosen.estimated_seconds
+                    plan["message"] = _("Model: {0}, refined on this pair ({1} + {2} iterations, {3} on {4}).").format(
+                        modelName, chosen.network_steps, chosen.field_steps,
+                        plans.describe_duration(chosen.estimated_seconds), deviceLabel)
             return plan
+        requested, requestedField = steps()
         options.update(checkpoint="fresh",
-                       refine_iterations=max(int(options.get("refine_iterations", 0)), FRESH_REFINE_ITERATIONS),
-                       refine_field_iterations=max(int(options.get("refine_field_iterations", 0)),
-                                                   FRESH_REFINE_FIELD_ITERATIONS))
+                       refine_iterations=max(int(requested or 0), plans.FRESH_NETWORK_STEPS),
+                       refine_field_iterations=max(int(requestedField or 0), plans.FRESH_FIELD_STEPS))
         plan["switched"] = True
         plan["message"] = describeFresh("; ".join(problems)[:1].upper() + "; ".join(problems)[1:]
                                         + _(". Apply will use "))
@@ -1798,8 +1821,11 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         :param outputVolumeNode: volume to fill with the warped moving volume; when None the moving volume (and
             moving segmentation) is placed under the output transform instead.
         :param jacobianVolumeNode, statsTableNode: nodes to fill (created when None).
-        :param progressCallback: ``f(stage: str, fraction: float)``.
-        :param cancelCallback: ``f() -> bool``, polled between stages; True cancels (CancelledError).
+        :param progressCallback: ``f(stage: str, fraction: float, secondsLeft: float or None)``, the engine's numbers
+            (the command line's bar shows the same): the fraction of the whole run moves with every refinement step,
+            ``secondsLeft`` is an estimate. A callback taking ``(stage, fraction)`` gets the stage starts.
+        :param cancelCallback: ``f() -> bool``, polled between stages and before every refinement step; True cancels
+            (CancelledError).
         :return: dict of the created or filled nodes: ``outputTransformNode``, ``outputVolumeNode``,
             ``jacobianVolumeNode``, ``statsTableNode``, ``displacementMagnitudeVolumeNode``, ``jacobianColorNode``.
 
@@ -1808,15 +1834,22 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         import dataclasses
 
         from textscf.errors import CancelledError, InputError
+        from textscf.pipeline import takes_seconds_left
 
         self.cancelRequested = False
         self.notes = []
         startTime = time.time()
+        withSteps = progressCallback is not None and takes_seconds_left(progressCallback)
 
-        def report(stage, fraction):
+        def report(stage, fraction, secondsLeft=None):
             logging.debug("TextSCF: %s (%.0f%%)", stage, 100 * fraction)
-            if progressCallback is not None:
-                progressCallback(stage, float(min(1.0, max(0.0, fraction))))
+            if progressCallback is None:
+                return
+            fraction = float(min(1.0, max(0.0, fraction)))
+            if withSteps:
+                progressCallback(stage, fraction, secondsLeft)
+            else:
+                progressCallback(stage, fraction)
 
         def isCancelled():
             return bool(self.cancelRequested or (cancelCallback is not None and cancelCallback()))
@@ -1889,8 +1922,9 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             def runPipeline():
                 return register(fixed, moving, options, fixed_labels=fixedLabels, moving_labels=movingLabels,
                                 initial_transform=initialTransform,
-                                progress=lambda stage, fraction: report(stage, 0.05 + 0.85 * fraction),
-                                cancel=isCancelled)
+                                progress=lambda stage, fraction, secondsLeft: report(
+                                    stage, 0.05 + 0.85 * fraction, secondsLeft),
+                                cancel=isCancelled, log=self._log)
 
             result = self._run(runPipeline)
         except BaseException:
@@ -1921,6 +1955,11 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             self.showResults(nodes, fixedVolumeNode)
         report(_("Done"), 1.0)
         return nodes
+
+    def _log(self, line):
+        """The engine's lines for the user (the schedule it runs): the log, and the notes of the result."""
+        logging.info("TextSCF: %s", line)
+        self.notes.append(line)
 
     def _run(self, call):
         """Run an engine call (touches no MRML node) through ``pipelineRunner`` (the widget's worker thread)."""

@@ -14,6 +14,7 @@ import SimpleITK as sitk  # noqa: E402
 import vtk  # noqa: E402
 
 from textscf.errors import CancelledError, CheckpointError, InputError  # noqa: E402
+from textscf import schedule  # noqa: E402
 from textscf.results import RegistrationResult  # noqa: E402
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"
@@ -985,14 +986,14 @@ def test_model_plan_switches_to_a_fresh_network_for_the_brain_preset(mod, logic,
                             "refine_field_iterations": 30}, fixed_node, torchAvailable=True)
     assert plan["switched"]
     assert plan["options"]["checkpoint"] == "fresh"
-    assert plan["options"]["refine_iterations"] == mod.FRESH_REFINE_ITERATIONS
-    assert plan["options"]["refine_field_iterations"] == mod.FRESH_REFINE_FIELD_ITERATIONS
+    assert plan["options"]["refine_iterations"] == schedule.FRESH_NETWORK_STEPS
+    assert plan["options"]["refine_field_iterations"] == schedule.FRESH_FIELD_STEPS
     assert plan["options"]["preset"] == "brain-mri"
     message = plan["message"]
     assert "the bundled model knows only its 13 training regions" in message.lower()
     assert "trained on CT, not MRI" in message and "fresh network" in message and "the CPU" in message
     # 14 x 12 x 10 voxels -> a 16 x 16 x 16 grid at half resolution
-    expected = logic.estimateRefineSeconds((16, 16, 16), 150, 50, "cpu")
+    expected = schedule.estimate_refine_seconds((16, 16, 16), 150, 50, "cpu")
     assert plan["estimatedSeconds"] == pytest.approx(expected) and "about 1 s" in message
 
 
@@ -1003,7 +1004,7 @@ def test_model_plan_keeps_the_bundled_model_for_regions_it_knows(logic, fixed_no
         assert not plan["switched"] and plan["options"].get("checkpoint") is None
         # The bundled model's 96 x 80 x 128 grid: about 1.3 s per refinement iteration on the CPU
         assert plan["estimatedSeconds"] == pytest.approx(96 * 80 * 128 * 1.3e-6 * (12 + 0.2 * 30))
-        assert "refined on this pair (about 23 s on the CPU)" in plan["message"]
+        assert "refined on this pair (12 + 30 iterations, about 23 s on the CPU)" in plan["message"]
     # Segment names as TotalSegmentator writes them are regions the model knows
     plan = logic.modelPlan({"region_names": ["liver", "kidney_right"], "label_values": [1, 2], "device": "cpu"},
                            fixed_node, torchAvailable=True)
@@ -1020,6 +1021,49 @@ def test_model_plan_for_a_new_region_and_without_torch(logic, fixed_node):
     assert not plan["switched"] and "on Apply, once PyTorch is installed" in plan["message"]
     plan = logic.modelPlan({"checkpoint": "fresh", "preset": "abdomen-ct", "refine_iterations": 0}, fixed_node)
     assert "above 0" in plan["message"]
+
+
+def test_automatic_schedule_is_the_engines_default_schedule(mod, logic, fixed_node):
+    """Apply with the automatic schedule runs what `textscf register` runs without options: the engine's schedule."""
+    logic_class = mod.TextSCFRegistrationLogic
+    assert logic_class.refineSteps(True, 5, 2) == {"refine_iterations": None, "refine_field_iterations": None}
+    assert logic_class.refineSteps(True, 5, 2, "fresh") == {"refine_iterations": schedule.FRESH_NETWORK_STEPS,
+                                                           "refine_field_iterations": schedule.FRESH_FIELD_STEPS}
+    assert logic_class.refineSteps(False, 5, 2) == {"refine_iterations": 5, "refine_field_iterations": 2}
+    plan = logic.modelPlan({"preset": "abdomen-ct", "device": "cpu", "refine_iterations": None,
+                            "refine_field_iterations": None}, fixed_node, torchAvailable=True)
+    bundled = schedule.default_schedule("checkpoint", (96, 80, 128), "cpu")
+    assert not plan["switched"] and plan["estimatedSeconds"] == pytest.approx(bundled.estimated_seconds)
+    assert f"({bundled.network_steps} + {bundled.field_steps} iterations" in plan["message"]
+    plan = logic.modelPlan({"preset": "brain-mri", "device": "cpu", "refine_iterations": None,
+                            "refine_field_iterations": None}, fixed_node, torchAvailable=True)
+    assert plan["switched"] and plan["options"]["refine_iterations"] == schedule.FRESH_NETWORK_STEPS
+    assert logic_class.progressText("register", 35.2) == "register (about 35 s left)"
+    assert logic_class.progressText("register", None) == "register"
+
+
+@needs_pipeline
+def test_process_reports_every_refinement_step_and_registers_without_a_segmentation(logic, scene, example_pair,
+                                                                                    tiny_checkpoint):
+    """The Slicer bar gets the engine's numbers: stage, a fraction that moves with each refinement step, the time
+    left. Without any segmentation or segmentor the pair still registers (no regions: the shared filter alone)."""
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    updates = []
+    nodes = logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                          {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct",
+                           **logic.refineSteps(True, 12, 30)},
+                          progressCallback=lambda stage, fraction, secondsLeft: updates.append(
+                              (stage, fraction, secondsLeft)))
+    fractions = [fraction for _, fraction, _ in updates]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    during = [update for update in updates if update[0] == "register"]
+    ran = schedule.default_schedule("checkpoint", (48, 48, 64), "cpu", has_regions=False)
+    assert len(during) >= ran.steps and all(left is not None for _, _, left in during[2:])
+    stats = logic.lastResult.stats
+    assert stats["schedule"]["regions"] is False and stats["schedule"]["network_steps"] == ran.network_steps
+    notes = [row[4] for row in table_rows(nodes["statsTableNode"]) if row[0] == "Note"]
+    assert any(note.startswith("schedule: ") and "no regions" in note for note in notes)
+    assert nodes["outputTransformNode"].GetTransformFromParent().GetClassName() == "vtkOrientedGridTransform"
 
 
 @needs_pipeline

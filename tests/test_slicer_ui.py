@@ -54,6 +54,8 @@ REQUIRED_WIDGETS = {
     "refineSmoothWeightSliderWidget": "ctkSliderWidget",
     "refineFieldIterationsSpinBox": "QSpinBox",
     "showDisplacementMagnitudeCheckBox": "QCheckBox",
+    "automaticScheduleCheckBox": "QCheckBox",
+    "guideWithMovingLabelsCheckBox": "QCheckBox",
     "advancedCollapsibleButton": "ctkCollapsibleButton",
     "applyButton": "QPushButton",
     "cancelButton": "QPushButton",
@@ -197,6 +199,28 @@ def test_numeric_widgets_start_at_the_parameter_node_defaults(widgets):
             assert shown == pytest.approx(defaults[parameter]), f"{parameter}: .ui {shown} != default {defaults[parameter]}"
             checked += 1
     assert checked >= 5
+
+
+def parameter_node_bool_defaults() -> dict[str, bool]:
+    source = module_source()
+    block = source[source.index("class TextSCFRegistrationParameterNode"):]
+    block = block[:block.index("\n#\n")]
+    return {name: value == "True" for name, value in
+            re.findall(r"^        (\w+): bool = (True|False)$", block, flags=re.M)}
+
+
+def test_check_boxes_start_at_the_parameter_node_defaults(widgets):
+    """The automatic schedule is on and label guidance off, in the .ui as in the parameter node."""
+    defaults = parameter_node_bool_defaults()
+    assert defaults["automaticSchedule"] is True and defaults["guideWithMovingLabels"] is False
+    checked = 0
+    for element in widgets.values():
+        parameter = widget_property(element, "SlicerParameterName")
+        if element.get("class") == "QCheckBox" and parameter in defaults:
+            shown = widget_property(element, "checked") == "true"  # Qt's default is unchecked
+            assert shown == defaults[parameter], f"{parameter}: .ui {shown} != default {defaults[parameter]}"
+            checked += 1
+    assert checked >= 3
 
 
 def test_custom_widgets_are_declared(ui_root, widgets):
