@@ -26,6 +26,7 @@ from textscf import metrics
 from textscf.alignment import describe_transform, initial_alignment
 from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
+from textscf.networks.inference import for_inference
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.presets import load_preset, model_rows
 from textscf.results import RegistrationResult
@@ -380,13 +381,13 @@ def _tensor(arr: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
 
 def run_network(net: TextSCFNet, moving: np.ndarray, fixed: np.ndarray, regions: np.ndarray,
                 confidence: np.ndarray, device: torch.device) -> tuple[np.ndarray, str | None]:
-    """Network forward on ``device``; on CUDA out-of-memory, retried on the CPU. Returns (u (3,I,J,K), note)."""
+    """Network forward on ``device`` by the inference path (:func:`for_inference`: folded blocks, no autograd, no
+    warp); on CUDA out-of-memory, retried on the CPU. Returns (u (3,I,J,K), note)."""
     def forward(dev):
-        net.to(dev)
-        with torch.no_grad():
-            out = net(_tensor(moving, dev), _tensor(fixed, dev), _tensor(regions, dev, torch.long),
-                      _tensor(confidence, dev))
-        return out.displacement[0].float().cpu().numpy()
+        inference = for_inference(net.to(dev))
+        displacement, _ = inference.displacement(_tensor(moving, dev), _tensor(fixed, dev),
+                                                 _tensor(regions, dev, torch.long), _tensor(confidence, dev))
+        return displacement[0].float().cpu().numpy()
 
     try:
         return forward(device), None

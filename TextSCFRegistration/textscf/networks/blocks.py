@@ -63,3 +63,66 @@ class LargeKernelBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.prelu(self.regular(x) + self.large(x) + self.one(x) + x)
+
+    @torch.no_grad()
+    def fold(self) -> InferenceConvPReLU:
+        """The same block as one convolution (structural re-parameterisation), for inference.
+
+        The sum of the branches is linear in ``x``, so it is one convolution whose kernel is the sum of the branch
+        kernels, each zero-padded to ``max(K, 3)`` and centred, plus a centred delta per channel for the identity; its
+        bias is the sum of the branch biases. The kernels are summed in float64 and rounded once. The result owns
+        new tensors (its PReLU is a copy): changing it leaves this block unchanged.
+
+        Shapes: the folded block maps ``(B, C, I, J, K) -> (B, C, I, J, K)`` like this one.
+        """
+        size = max(self.large.kernel_size[0], 3)
+        channels = self.large.out_channels
+        weight = torch.zeros(channels, channels, size, size, size, dtype=torch.float64, device=self.large.weight.device)
+        for conv in (self.large, self.regular, self.one):
+            k = conv.kernel_size[0]
+            o = (size - k) // 2
+            weight[:, :, o:o + k, o:o + k, o:o + k] += conv.weight.double()
+        centre = size // 2
+        index = torch.arange(channels, device=weight.device)
+        weight[index, index, centre, centre, centre] += 1.0
+        conv = nn.Conv3d(channels, channels, size, 1, size // 2).to(self.large.weight)
+        conv.weight.copy_(weight)
+        conv.bias.copy_(self.large.bias.double() + self.regular.bias.double() + self.one.bias.double())
+        prelu = nn.PReLU(self.prelu.num_parameters).to(self.prelu.weight)
+        prelu.weight.copy_(self.prelu.weight)
+        return InferenceConvPReLU(conv, prelu)
+
+
+def _fused_conv_prelu_available() -> bool:
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+
+
+class InferenceConvPReLU(nn.Module):
+    """``PReLU(conv(x))`` for inference, one oneDNN call on the CPU.
+
+    A PReLU with one slope ``a`` is ``leaky_relu(., a)``, which oneDNN applies as a post-op of the convolution
+    (``torch.ops.mkldnn._convolution_pointwise``, the kernel ``torch.compile`` uses for this pattern on the CPU): the
+    output is written once instead of being written by the convolution and rewritten by the PReLU. Elsewhere (CUDA,
+    oneDNN disabled, a per-channel PReLU, or autograd enabled) it runs ``conv`` then ``prelu``. Same output either way.
+
+    Args:
+        conv: the ``nn.Conv3d``.
+        prelu: the ``nn.PReLU`` after it.
+
+    Shapes: as ``conv``: ``(B, C_in, I, J, K) -> (B, C_out, I', J', K')``.
+    """
+
+    def __init__(self, conv: nn.Conv3d, prelu: nn.PReLU):
+        super().__init__()
+        self.conv = conv
+        self.prelu = prelu
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and self.prelu.weight.numel() == 1
+                and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled and _fused_conv_prelu_available()
+                and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"):
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                "leaky_relu", [float(self.prelu.weight)], "")
+        return self.prelu(conv(x))

@@ -180,6 +180,19 @@ class TextSCFNet(nn.Module):
         fixed_regions: torch.Tensor,
         confidence: torch.Tensor | None = None,
     ) -> RegistrationOutput:
+        displacement, regularised = self.displacement(moving, fixed, fixed_regions, confidence)
+        warped = self.transformer(moving, displacement)
+        return RegistrationOutput(displacement, warped, regularised)
+
+    def displacement(
+        self,
+        moving: torch.Tensor,
+        fixed: torch.Tensor,
+        fixed_regions: torch.Tensor,
+        confidence: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass without the warp: ``(displacement (B, 3, I, J, K), regularised field)`` as in
+        :class:`RegistrationOutput`; same inputs as :meth:`forward`."""
         if moving.shape != fixed.shape or moving.shape[1] != 1:
             raise ValueError(f"moving {tuple(moving.shape)} and fixed {tuple(fixed.shape)} must both be (B, 1, I, J, K)")
         if fixed_regions.shape != fixed.shape:
@@ -201,5 +214,4 @@ class TextSCFNet(nn.Module):
         else:
             displacement = resize_field(half, size)
             regularised = displacement
-        warped = self.transformer(moving, displacement)
-        return RegistrationOutput(displacement, warped, regularised)
+        return displacement, regularised

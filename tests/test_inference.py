@@ -1,0 +1,184 @@
+"""The inference path (textscf.networks.inference): folded blocks, fused conv + PReLU, channels-last, no autograd.
+
+Its outputs must equal the training-time forward's to 1e-4 on random weights, it must leave the trained network
+alone, and it must be what register() runs for the network-only forward pass.
+"""
+import pytest
+import torch
+
+from textscf.networks import TextSCFConfig, TextSCFNet
+from textscf.networks.blocks import InferenceConvPReLU, LargeKernelBlock
+from textscf.networks.inference import InferenceNet, fold_network, for_inference
+
+SHAPE = (32, 32, 48)
+TOLERANCE = 1e-4
+
+
+def _randomise(module: torch.nn.Module, seed: int, scale: float) -> None:
+    """Every parameter N(0, scale²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _net(head: str, integrate: bool, kernel: int, regions: int = 5, text_dim: int = 7) -> TextSCFNet:
+    """Random weights with O(1) activations and a field of several voxels (a near-zero field would make the 1e-4
+    comparison trivial): He-normal convolutions, random biases and PReLU slopes, a large output layer."""
+    config = TextSCFConfig(num_regions=regions, text_dim=text_dim, start_channels=4, large_kernel=kernel,
+                           hidden_channels=16, head=head, integrate=integrate, input_shape=SHAPE)
+    net = TextSCFNet(config, torch.randn(regions, text_dim, generator=torch.Generator().manual_seed(1)))
+    net.initialise("kaiming", seed=0)
+    g = torch.Generator().manual_seed(kernel)
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            elif isinstance(net.get_submodule(name.rsplit(".", 1)[0]), torch.nn.PReLU):
+                p.uniform_(0.05, 0.5, generator=g)
+        net.head.init_output(0.5)
+    return net.eval()
+
+
+def _inputs(regions: int = 5, seed: int = 2):
+    g = torch.Generator().manual_seed(seed)
+    moving = torch.rand((1, 1, *SHAPE), generator=g)
+    fixed = torch.rand((1, 1, *SHAPE), generator=g)
+    fixed_regions = torch.randint(0, regions, (1, 1, *SHAPE), generator=g)
+    confidence = torch.rand((1, 1, *SHAPE), generator=g)
+    return moving, fixed, fixed_regions, confidence
+
+
+@pytest.mark.parametrize("kernel", [3, 5, 7])
+@pytest.mark.parametrize("integrate", [False, True], ids=["no-integration", "integration"])
+@pytest.mark.parametrize("head", ["textscf", "no_scf", "reference"])
+def test_inference_path_equals_training_forward(head, integrate, kernel):
+    net = _net(head, integrate, kernel)
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = net(*inputs)
+    out = for_inference(net)(*inputs)
+    # The field is not trivially small: the tolerance is far below the displacements compared.
+    assert expected.displacement.abs().max() > 0.5
+    for name in ("displacement", "warped", "regularised_field"):
+        torch.testing.assert_close(getattr(out, name), getattr(expected, name), rtol=0, atol=TOLERANCE, msg=name)
+    displacement, regularised = for_inference(net).displacement(*inputs)
+    assert displacement.is_contiguous()
+    torch.testing.assert_close(displacement, expected.displacement, rtol=0, atol=TOLERANCE)
+    torch.testing.assert_close(regularised, expected.regularised_field, rtol=0, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize("kernel", [1, 3, 5, 7])
+def test_folded_block_is_one_convolution_with_the_blocks_output(kernel):
+    block = LargeKernelBlock(6, kernel)
+    _randomise(block, seed=kernel, scale=0.05)
+    folded = block.fold()
+    size = max(kernel, 3)
+    convolutions = [m for m in folded.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert len(convolutions) == 1 and convolutions[0].kernel_size == (size,) * 3
+    x = torch.randn(2, 6, 9, 10, 11)
+    with torch.no_grad():
+        expected = block(x)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_convolution_and_prelu_equal_the_plain_modules():
+    """The oneDNN call with the leaky-ReLU post-op and the fallback (oneDNN off, or autograd on) agree."""
+    conv, prelu = torch.nn.Conv3d(3, 5, 3, 2, 1), torch.nn.PReLU()
+    _randomise(conv, seed=3, scale=0.5)
+    with torch.no_grad():
+        prelu.weight.fill_(0.3)
+    fused = InferenceConvPReLU(conv, prelu)
+    x = torch.randn(1, 3, 12, 14, 16)
+    with torch.no_grad():
+        expected = prelu(conv(x))
+    assert (expected < 0).any()  # the slope is exercised
+    with torch.inference_mode():
+        with torch.profiler.profile() as prof:
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+        if torch.backends.mkldnn.is_available():  # the fused oneDNN kernel ran, not conv then prelu
+            names = {event.name for event in prof.events()}
+            assert any("_convolution_pointwise" in name for name in names) and "aten::prelu" not in names
+        with torch.backends.mkldnn.flags(enabled=False):
+            torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
+    x_grad = x.clone().requires_grad_(True)
+    fused(x_grad).sum().backward()
+    assert x_grad.grad is not None
+
+
+def test_folded_copy_leaves_the_original_network_unchanged():
+    net = _net("textscf", False, 5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    inference = for_inference(net)
+    inference(*_inputs())
+    after = net.state_dict()
+    assert list(after) == list(before)  # the checkpoint keys are those of the training modules
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+        assert after[key].is_contiguous(), key
+    assert sum(isinstance(m, LargeKernelBlock) for m in net.modules()) == 4
+    assert all(p.requires_grad for p in net.parameters())
+    # The copy has no unfolded block and owns its tensors: changing it does not reach the original.
+    assert not any(isinstance(m, LargeKernelBlock) for m in inference.modules())
+    original = {p.data_ptr() for p in net.parameters()}
+    assert not original & {p.data_ptr() for p in inference.parameters()}
+    with torch.no_grad():
+        for p in inference.parameters():
+            p.zero_()
+    for key, value in before.items():
+        assert torch.equal(net.state_dict()[key], value), key
+
+
+def test_fold_network_keeps_the_config_and_text_matrix():
+    net = _net("reference", True, 3)
+    folded = fold_network(net)
+    assert folded.config == net.config
+    assert torch.equal(folded.text_matrix, net.text_matrix)
+    assert not any(p.requires_grad for p in folded.parameters())
+
+
+def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_checkpoint, monkeypatch):
+    from textscf import pipeline
+    from textscf.checkpoint import load_checkpoint
+    from textscf.phantom import make_example_pair
+
+    built: list[InferenceNet] = []
+    calls: list[tuple] = []
+    real_for_inference = pipeline.for_inference
+
+    def spy_for_inference(net, *args, **kwargs):
+        inference = real_for_inference(net, *args, **kwargs)
+        built.append(inference)
+        real_displacement = inference.displacement
+
+        def recorded(*inputs):
+            out = real_displacement(*inputs)
+            calls.append((inputs, out))
+            return out
+
+        inference.displacement = recorded
+        return inference
+
+    trained_forwards = []
+    real_forward = TextSCFNet.forward
+    monkeypatch.setattr(pipeline, "for_inference", spy_for_inference)
+    monkeypatch.setattr(TextSCFNet, "forward", lambda self, *a, **k: trained_forwards.append(1) or real_forward(
+        self, *a, **k))
+
+    pair = make_example_pair(seed=0, shape=(48, 40, 64), spacing=(8.0, 8.0, 8.0))
+    options = pipeline.RegistrationOptions(checkpoint=str(tiny_abdomen_checkpoint), init="none",
+                                           refine_iterations=0)
+    result = pipeline.register(pair["fixed"], pair["moving"], options, fixed_labels=pair["fixed_labels"])
+
+    assert len(built) == 1 and len(calls) == 1
+    assert not any(isinstance(m, LargeKernelBlock) for m in built[0].modules())
+    assert trained_forwards == []  # the unfolded training forward never ran
+    # What register ran equals the checkpoint's training-time forward on the same inputs.
+    (moving, fixed, regions, confidence), (displacement, _) = calls[0]
+    net, _ = load_checkpoint(tiny_abdomen_checkpoint)
+    net.set_text_matrix(built[0].net.text_matrix)
+    with torch.no_grad():
+        expected = real_forward(net, moving, fixed, regions, confidence).displacement
+    torch.testing.assert_close(displacement, expected, rtol=0, atol=TOLERANCE)
+    assert result.displacement.GetSize() == pair["fixed"].GetSize()
