@@ -352,7 +352,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         self._parameterNodeGuiTag = None
         self._running = False
         self._cancelRequested = False
-        self._progress = ("", 0.0)
+        self._progress = ("", 0.0, None)
         self._updatingGui = False
 
     # -- setup / teardown ---------------------------------------------------------------------------------------------
