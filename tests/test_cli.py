@@ -260,3 +260,34 @@ def test_cli_startup_benchmark_row(tmp_path, capsys):
     assert row["imports_torch"] is False and row["median_seconds"] > 0 and row["runs"] == 1
     assert "| `textscf --help` | 1 |" in capsys.readouterr().out
     assert json.loads((tmp_path / "row.json").read_text())["median_seconds"] == row["median_seconds"]
+
+
+def test_progress_bar_shows_the_stage_the_fraction_and_the_time_left():
+    from textscf.cli import _ProgressBar
+
+    bar = _ProgressBar(True)
+    try:
+        bar("register", 0.5, 35.2)
+        assert (bar.bar.n, bar.bar.desc) == (50, "register")
+        assert bar.bar.postfix.endswith("about 35 s left")
+        bar("evaluate", 0.97, None)
+        assert (bar.bar.n, bar.bar.desc, bar.bar.postfix) == (97, "evaluate", "")
+    finally:
+        bar.close()
+
+
+@pytest.mark.parametrize("command", ["register", "evaluate"])
+def test_moving_labels_enter_the_loss_only_with_guide_with_labels(command):
+    from textscf.cli import label_guidance
+    from textscf.errors import InputError
+
+    base = (["register", "f.nii.gz", "m.nii.gz", "-o", "out", "--moving-labels", "ml.nii.gz"] if command == "register"
+            else ["evaluate", "--pairs", "pairs.csv", "-o", "out"])
+    parser = build_parser()
+    assert label_guidance(parser.parse_args(base)) == {"refine_use_moving_labels": False, "refine_label_weight": 1.0}
+    assert label_guidance(parser.parse_args(base + ["--guide-with-labels", "--label-loss-weight", "0.3"])) == {
+        "refine_use_moving_labels": True, "refine_label_weight": 0.3}
+    with pytest.raises(InputError, match="--guide-with-labels"):
+        label_guidance(parser.parse_args(base + ["--label-loss-weight", "0.3"]))
+    with pytest.raises(SystemExit):
+        parser.parse_args(base + ["--guide-with-labels", "--label-loss-weight", "0"])
