@@ -268,10 +268,10 @@ def test_progress_bar_shows_the_stage_the_fraction_and_the_time_left():
     bar = _ProgressBar(True)
     try:
         bar("register", 0.5, 35.2)
-        assert (bar.bar.n, bar.bar.desc) == (50, "register")
+        assert (bar.bar.n, bar.bar.desc.rstrip(": ")) == (50, "register")
         assert bar.bar.postfix.endswith("about 35 s left")
         bar("evaluate", 0.97, None)
-        assert (bar.bar.n, bar.bar.desc, bar.bar.postfix) == (97, "evaluate", "")
+        assert (bar.bar.n, bar.bar.desc.rstrip(": "), bar.bar.postfix) == (97, "evaluate", "")
     finally:
         bar.close()
 
