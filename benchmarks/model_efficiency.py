@@ -34,11 +34,27 @@ compare runs taken side by side. Each configuration gets at most ``--max-seconds
 shows the estimate, marked "est." (the same head and N_s timed at another geometry scaled by the voxel count, else
 its MACs over the MAC/s measured so far).
 
+``--inference`` runs another comparison instead: our inference path (``textscf.networks.inference.for_inference``:
+folded large-kernel blocks, fused convolution + PReLU, channels-last, ``torch.inference_mode``) against the plain eager
+forward (``torch.no_grad()``) of the same network, side by side, for
+
+- ``reference``: the ``reference``-head model (which reproduces the authors' computation op for op), N_s = 8,
+  C1 = 768, CΦ = 2048, 36 regions, on the OASIS grid 160 x 192 x 224; He-normal weights (``initialise("kaiming")``)
+  with the output layer at N(0, 0.05) so that the field is voxels, not 1e-5, and random inputs;
+- ``bundled``: the bundled abdomen model (``abdomen-ct-onehot-ns8.pt``) on its own grid, on a phantom pair (its
+  label map as the fixed regions).
+
+It reports the median times of the eager forward, the inference path with the full output (displacement and warped
+image), the inference path for the field alone (what ``register()`` runs) and, as ablations, the inference path with
+the contiguous memory format and (``--compile``) with its backbone under ``torch.compile``, with the compile time; the
+ratios to the eager forward; and the largest output differences against the eager forward.
+
 Usage::
 
     python benchmarks/model_efficiency.py                 # abdomen + OASIS, N_s 8/16/32 (several minutes on 2 cores)
     python benchmarks/model_efficiency.py --quick         # abdomen only, N_s 8 and 16
     python benchmarks/model_efficiency.py --json out.json
+    python benchmarks/model_efficiency.py --inference --inference-threads 1,2 --compile   # inference path vs eager
 """
 from __future__ import annotations
 
@@ -51,6 +67,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -295,11 +312,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--no-paper-context", action="store_true", help="skip the N_s = 64 count for the paper comparison")
     p.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    p.add_argument("--inference", action="store_true",
+                   help="compare the inference path with the eager forward instead (reference-head and bundled models)")
+    p.add_argument("--inference-models", default=",".join(INFERENCE_MODELS),
+                   help="comma list of " + ", ".join(INFERENCE_MODELS) + " for --inference")
+    p.add_argument("--inference-threads", type=_parse_ints, default=[2],
+                   help="comma list of intra-op thread counts for --inference (default 2)")
+    p.add_argument("--compile", action="store_true", help="with --inference: also time torch.compile of the folded net")
     return p
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.inference:
+        return inference_main(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     threads = torch.get_num_threads()
@@ -497,6 +523,197 @@ def _print_notes(rows: list[Row], linearity: list[dict], context: dict | None, a
         print(f"The textSCF paper ({PAPER_CLAIM['source']}) claims -{PAPER_CLAIM['params_reduction_percent']} % "
               f"parameters and -{PAPER_CLAIM['operations_reduction_percent']} % operations. "
               f"{context['lapirn_note']}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the inference path vs the plain eager forward
+
+INFERENCE_MODELS = {
+    "reference": "reference head (authors' computation), N_s = 8, C1 = 768, CΦ = 2048, 36 regions, random weights",
+    "bundled": "bundled abdomen model abdomen-ct-onehot-ns8.pt on its own grid, phantom pair",
+}
+
+# what is timed: label -> description
+INFERENCE_RUNS = {
+    "eager": "plain eager forward under torch.no_grad() (displacement + warped image)",
+    "inference": "inference path, full output (displacement + warped image)",
+    "field": "inference path, displacement only (what register() runs)",
+    "contiguous": "inference path, full output, contiguous memory format instead of channels_last_3d (ablation)",
+    "compiled": "inference path with its backbone under torch.compile (inductor, freezing, no FX graph cache), full "
+                "output, after compilation; the first call's time (compilation) is shown separately (ablation)",
+}
+
+
+@dataclass
+class InferenceRow:
+    model: str
+    shape: tuple[int, int, int]
+    threads: int
+    seconds: dict = field(default_factory=dict)  # run label -> list of seconds
+    compile_first_call_seconds: float | None = None
+    max_abs_displacement: float = 0.0
+    max_diff_displacement: float = 0.0
+    max_diff_warped: float = 0.0
+    max_diff_compiled: float | None = None
+
+    def median(self, run: str) -> float | None:
+        return statistics.median(self.seconds[run]) if self.seconds.get(run) else None
+
+    def ratio(self, run: str) -> float | None:
+        t, eager = self.median(run), self.median("eager")
+        return eager / t if t and eager else None
+
+
+def inference_model(name: str, shape_override=None):
+    """``(net, inputs)`` for a model of :data:`INFERENCE_MODELS`: the network in eval mode and
+    ``(moving, fixed, fixed_regions, confidence)``."""
+    if name == "reference":
+        spec = GEOMETRIES["oasis"]
+        net = build_net("reference", 8, spec["regions"])
+        net.initialise("kaiming", seed=0)
+        net.head.init_output(0.05)
+        moving, fixed, fixed_regions = make_inputs(shape_override or spec["shape"], spec["regions"], seed=1)
+        return net.eval(), (moving, fixed, fixed_regions, None)
+    if name == "bundled":
+        from textscf.checkpoint import load_checkpoint
+        from textscf.phantom import make_example_pair
+        from textscf.pipeline import bundled_model_path
+        from textscf.spatial import IntensityNormaliser, image_to_array
+
+        net, _ = load_checkpoint(bundled_model_path())
+        cfg = net.config
+        pair = make_example_pair(seed=0, shape=shape_override or cfg.input_shape, spacing=cfg.spacing)
+        normalise = IntensityNormaliser.from_config(cfg)
+        lut = {value: index + 1 for index, value in enumerate(cfg.label_values)}
+        labels = image_to_array(pair["fixed_labels"])
+        regions = np.zeros(labels.shape, np.int64)
+        for value, index in lut.items():
+            regions[labels == value] = index
+
+        def tensor(a, dtype=torch.float32):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)[None, None]
+
+        inputs = (tensor(normalise(image_to_array(pair["moving"]))), tensor(normalise(image_to_array(pair["fixed"]))),
+                  tensor(regions, torch.long), torch.ones((1, 1, *regions.shape)))
+        return net.eval(), inputs
+    raise SystemExit(f"unknown model {name!r}; choose from {', '.join(INFERENCE_MODELS)}")
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def compare_inference(name: str, threads_list: list[int], repeats: int, compile_too: bool,
+                      shape_override=None) -> list[InferenceRow]:
+    """One row per thread count: every run of :data:`INFERENCE_RUNS` timed round-robin after an untimed warm-up."""
+    from textscf.networks.inference import for_inference
+
+    net, inputs = inference_model(name, shape_override)
+    inference = for_inference(net)
+    contiguous = for_inference(net, torch.contiguous_format)
+
+    def eager():
+        with torch.no_grad():
+            return net(*inputs)
+
+    runs = {"eager": eager, "inference": lambda: inference(*inputs), "field": lambda: inference.displacement(*inputs),
+            "contiguous": lambda: contiguous(*inputs)}
+    compiled_net, compile_seconds = None, None
+    rows = []
+    for threads in threads_list:
+        torch.set_num_threads(threads)
+        row = InferenceRow(name, tuple(inputs[0].shape[2:]), threads, {run: [] for run in runs})
+        outputs = {run: fn() for run, fn in runs.items()}  # warm-up (MONAI's grid caches, oneDNN primitives)
+        expected, ours = outputs["eager"], outputs["inference"]
+        row.max_abs_displacement = float(expected.displacement.abs().max())
+        row.max_diff_displacement = float(max((ours.displacement - expected.displacement).abs().max(),
+                                              (outputs["field"][0] - expected.displacement).abs().max(),
+                                              (outputs["contiguous"].displacement - expected.displacement).abs().max()))
+        row.max_diff_warped = float((ours.warped - expected.warped).abs().max())
+        if compile_too:
+            import torch._inductor.config as inductor_config
+
+            if compiled_net is None:
+                # Only the backbone (all the convolutions) is compiled: MONAI's warp and grid caches make dynamo
+                # break the graph and recompile on every call, which is slower than eager.
+                compiled_net = for_inference(net)
+                compiled_net.net.backbone = torch.compile(compiled_net.net.backbone)
+
+            def compiled():
+                with inductor_config.patch(freezing=True, fx_graph_cache=False):
+                    return compiled_net(*inputs)
+
+            seconds, out = _timed(compiled)
+            if compile_seconds is None:
+                compile_seconds = seconds
+            row.compile_first_call_seconds = compile_seconds
+            row.max_diff_compiled = float((out.displacement - expected.displacement).abs().max())
+            runs["compiled"] = compiled
+            row.seconds["compiled"] = []
+        for _ in range(repeats):
+            for run, fn in runs.items():
+                row.seconds[run].append(_timed(fn)[0])
+        print(f"  {name} {'x'.join(map(str, row.shape))}, {threads} threads: eager {row.median('eager'):.2f} s, "
+              f"inference path {row.median('inference'):.2f} s ({row.ratio('inference'):.2f}x)", flush=True)
+        rows.append(row)
+    return rows
+
+
+def inference_table(rows: list[InferenceRow]) -> str:
+    def cell(row: InferenceRow, run: str) -> str:
+        t = row.median(run)
+        return "—" if t is None else f"{t:.2f} ({row.ratio(run):.2f}x)"
+
+    lines = ["| model | grid | threads | eager s | inference path s (x eager) | field only s (x eager) "
+             "| contiguous format s (x eager) | torch.compile s (x eager) | max abs u | max diff u | max diff warped |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        compiled = cell(r, "compiled")
+        if r.compile_first_call_seconds is not None:
+            compiled += f", first call {r.compile_first_call_seconds:.0f}"
+        lines.append(f"| {r.model} | {'x'.join(map(str, r.shape))} | {r.threads} | {r.median('eager'):.2f} | "
+                     f"{cell(r, 'inference')} | {cell(r, 'field')} | {cell(r, 'contiguous')} | {compiled} | "
+                     f"{r.max_abs_displacement:.3g} | {_max_diff(r):.2g} | {r.max_diff_warped:.2g} |")
+    return "\n".join(lines)
+
+
+def _max_diff(row: InferenceRow) -> float:
+    return max(row.max_diff_displacement, row.max_diff_compiled or 0.0)
+
+
+def inference_main(args) -> dict:
+    """``--inference``: the inference path vs the eager forward (see the module docstring)."""
+    models = [m.strip() for m in args.inference_models.split(",") if m.strip()]
+    env = environment(torch.get_num_threads())
+    started = time.perf_counter()
+    print(f"# Inference path vs eager forward\n\nCPU: {env['cpu']} ({env['logical_cpus']} logical CPUs), torch "
+          f"{env['torch']}, load average {env['load_average_1_5_15']} at start; {args.repeats} timed runs per entry "
+          "(median), round-robin.\n", flush=True)
+    rows: list[InferenceRow] = []
+    for name in models:
+        rows.extend(compare_inference(name, args.inference_threads, args.repeats, args.compile, args.shape))
+    table = inference_table(rows)
+    print("\n" + table + "\n")
+    for run, what in INFERENCE_RUNS.items():
+        print(f"- `{run}`: {what}")
+    for name in models:
+        print(f"- model `{name}`: {INFERENCE_MODELS[name]}")
+    print("Times are medians in seconds; (x eager) = eager time / this time. Differences are max |ours - eager| in "
+          "voxels (displacement u) and intensity in [0, 1] (warped), over every inference run.")
+    elapsed = time.perf_counter() - started
+    env["load_average_1_5_15_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    print(f"\nTotal {elapsed:.0f} s; load average at end {env['load_average_1_5_15_at_end']}.")
+    result = {"environment": env, "runs": INFERENCE_RUNS, "models": {m: INFERENCE_MODELS[m] for m in models},
+              "rows": [dict(asdict(r), median_seconds={k: r.median(k) for k in r.seconds},
+                            ratio_to_eager={k: r.ratio(k) for k in r.seconds}) for r in rows],
+              "markdown": table, "seconds_total": round(elapsed, 1)}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"Wrote {args.json}")
+    return result
 
 
 if __name__ == "__main__":

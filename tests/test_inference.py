@@ -83,9 +83,11 @@ def test_folded_block_is_one_convolution_with_the_blocks_output(kernel):
         torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_convolution_and_prelu_equal_the_plain_modules():
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "transposed"])
+def test_fused_convolution_and_prelu_equal_the_plain_modules(transposed):
     """The oneDNN call with the leaky-ReLU post-op and the fallback (oneDNN off, or autograd on) agree."""
-    conv, prelu = torch.nn.Conv3d(3, 5, 3, 2, 1), torch.nn.PReLU()
+    conv = torch.nn.ConvTranspose3d(3, 5, 2, 2) if transposed else torch.nn.Conv3d(3, 5, 3, 2, 1)
+    prelu = torch.nn.PReLU()
     _randomise(conv, seed=3, scale=0.5)
     with torch.no_grad():
         prelu.weight.fill_(0.3)
@@ -99,7 +101,7 @@ def test_fused_convolution_and_prelu_equal_the_plain_modules():
             torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
         if torch.backends.mkldnn.is_available():  # the fused oneDNN kernel ran, not conv then prelu
             names = {event.name for event in prof.events()}
-            assert any("_convolution_pointwise" in name for name in names) and "aten::prelu" not in names
+            assert any("pointwise" in name for name in names) and "aten::prelu" not in names
         with torch.backends.mkldnn.flags(enabled=False):
             torch.testing.assert_close(fused(x), expected, rtol=1e-5, atol=1e-5)
     x_grad = x.clone().requires_grad_(True)
@@ -182,3 +184,29 @@ def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_check
         expected = real_forward(net, moving, fixed, regions, confidence).displacement
     torch.testing.assert_close(displacement, expected, rtol=0, atol=TOLERANCE)
     assert result.displacement.GetSize() == pair["fixed"].GetSize()
+
+
+def test_benchmark_compares_the_inference_path_with_the_eager_forward(tmp_path, capsys):
+    """``benchmarks/model_efficiency.py --inference`` at a small grid: both models, every run timed, outputs equal."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import model_efficiency
+
+    out_json = tmp_path / "inference.json"
+    threads = torch.get_num_threads()
+    try:
+        result = model_efficiency.main(["--inference", "--shape", "32,32,48", "--inference-threads", "1",
+                                        "--repeats", "1", "--json", str(out_json)])
+    finally:
+        torch.set_num_threads(threads)
+    printed = capsys.readouterr().out
+    assert "| reference | 32x32x48 | 1 |" in printed and "| bundled | 32x32x48 | 1 |" in printed
+    assert json.loads(out_json.read_text())["markdown"] == result["markdown"]
+    for row in result["rows"]:
+        assert set(row["median_seconds"]) == {"eager", "inference", "field", "contiguous"}
+        assert all(t > 0 for t in row["median_seconds"].values())
+        assert row["max_abs_displacement"] > 0.1  # a real field, so the differences below mean something
+        assert row["max_diff_displacement"] <= TOLERANCE and row["max_diff_warped"] <= TOLERANCE

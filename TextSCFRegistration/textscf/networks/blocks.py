@@ -93,36 +93,46 @@ class LargeKernelBlock(nn.Module):
         return InferenceConvPReLU(conv, prelu)
 
 
-def _fused_conv_prelu_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
+def _fused_conv_prelu_available(transposed: bool) -> bool:
+    name = "_convolution_transpose_pointwise" if transposed else "_convolution_pointwise"
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, name)
 
 
 class InferenceConvPReLU(nn.Module):
-    """``PReLU(conv(x))`` for inference, one oneDNN call on the CPU.
+    """``PReLU(conv(x))`` for inference, one oneDNN call on the CPU; ``conv`` may be transposed.
 
     A PReLU with one slope ``a`` is ``leaky_relu(., a)``, which oneDNN applies as a post-op of the convolution
-    (``torch.ops.mkldnn._convolution_pointwise``, the kernel ``torch.compile`` uses for this pattern on the CPU): the
-    output is written once instead of being written by the convolution and rewritten by the PReLU. Elsewhere (CUDA,
-    oneDNN disabled, a per-channel PReLU, or autograd enabled) it runs ``conv`` then ``prelu``. Same output either way.
+    (``torch.ops.mkldnn._convolution_pointwise`` / ``_convolution_transpose_pointwise``, the kernels ``torch.compile``
+    uses for this pattern on the CPU): the output is written once, in the input's memory format, instead of being
+    written by the convolution and rewritten by the PReLU (PyTorch's own 3-D transposed convolution is not oneDNN's
+    and returns the contiguous format). Elsewhere (CUDA, oneDNN disabled, a per-channel PReLU, autograd enabled, or
+    under ``torch.compile``, which fuses the pair itself) it runs ``conv`` then ``prelu``. Same output either way.
 
     Args:
-        conv: the ``nn.Conv3d``.
+        conv: the ``nn.Conv3d`` or ``nn.ConvTranspose3d``.
         prelu: the ``nn.PReLU`` after it.
 
     Shapes: as ``conv``: ``(B, C_in, I, J, K) -> (B, C_out, I', J', K')``.
     """
 
-    def __init__(self, conv: nn.Conv3d, prelu: nn.PReLU):
+    def __init__(self, conv: nn.Conv3d | nn.ConvTranspose3d, prelu: nn.PReLU):
         super().__init__()
         self.conv = conv
         self.prelu = prelu
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
+        transposed = isinstance(conv, nn.ConvTranspose3d)
         if (x.device.type == "cpu" and x.dtype == torch.float32 and self.prelu.weight.numel() == 1
-                and not torch.is_grad_enabled() and torch.backends.mkldnn.enabled and _fused_conv_prelu_available()
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and torch.backends.mkldnn.enabled and _fused_conv_prelu_available(transposed)
                 and isinstance(conv.padding, tuple) and conv.padding_mode == "zeros"):
+            post_op = ("leaky_relu", [float(self.prelu.weight)], "")
+            if transposed:
+                return torch.ops.mkldnn._convolution_transpose_pointwise(
+                    x, conv.weight, conv.bias, list(conv.padding), list(conv.output_padding), list(conv.stride),
+                    list(conv.dilation), conv.groups, *post_op)
             return torch.ops.mkldnn._convolution_pointwise(
                 x, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                "leaky_relu", [float(self.prelu.weight)], "")
+                *post_op)
         return self.prelu(conv(x))

@@ -5,7 +5,8 @@
 
 - every :class:`~textscf.networks.blocks.LargeKernelBlock` ``PReLU(conv3(x) + convK(x) + conv1(x) + x)`` is folded
   into one ``K``-cubed convolution (:meth:`LargeKernelBlock.fold`, structural re-parameterisation);
-- every convolution + PReLU runs as one oneDNN call on the CPU (:class:`~textscf.networks.blocks.InferenceConvPReLU`);
+- every convolution (transposed ones too) + PReLU runs as one oneDNN call on the CPU
+  (:class:`~textscf.networks.blocks.InferenceConvPReLU`);
 - on the CPU the backbone runs in the ``channels_last_3d`` memory format, which oneDNN convolves without reordering
   each input and output (on other devices it keeps torch's default format, not measured there);
 - the forward runs under ``torch.inference_mode`` (no autograd records, no version counters), and
@@ -21,7 +22,7 @@ import copy
 import torch
 from torch import nn
 
-from textscf.networks.blocks import ConvPReLU, InferenceConvPReLU, LargeKernelBlock
+from textscf.networks.blocks import ConvPReLU, InferenceConvPReLU, LargeKernelBlock, UpConvPReLU
 from textscf.networks.textscf_net import RegistrationOutput, TextSCFNet
 
 
@@ -63,12 +64,13 @@ class InferenceNet(nn.Module):
 
 def fold_network(net: TextSCFNet) -> TextSCFNet:
     """A copy of ``net`` whose backbone has every large-kernel block folded into one convolution and every
-    convolution + PReLU as :class:`InferenceConvPReLU`; ``net`` itself is not changed. Same forward, to rounding."""
+    (transposed) convolution + PReLU as :class:`InferenceConvPReLU`; ``net`` itself is not changed. Same forward, to
+    rounding."""
     folded = copy.deepcopy(net).eval()
     for name, module in list(folded.backbone.named_children()):
         if isinstance(module, LargeKernelBlock):
             setattr(folded.backbone, name, module.fold())
-        elif isinstance(module, ConvPReLU):
+        elif isinstance(module, (ConvPReLU, UpConvPReLU)):
             conv, prelu = module.layer
             setattr(folded.backbone, name, InferenceConvPReLU(conv, prelu))
     for p in folded.parameters():
