@@ -57,9 +57,8 @@ class InferenceNet(nn.Module):
     def displacement(self, moving: torch.Tensor, fixed: torch.Tensor, fixed_regions: torch.Tensor,
                      confidence: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(displacement (B, 3, I, J, K), regularised field)`` without warping the moving image: what a
-        registration needs. The displacement is a standard contiguous tensor."""
-        displacement, regularised = self.net.displacement(moving, fixed, fixed_regions, confidence)
-        return displacement.contiguous(), regularised
+        registration needs."""
+        return self.net.displacement(moving, fixed, fixed_regions, confidence)
 
 
 def fold_network(net: TextSCFNet) -> TextSCFNet:

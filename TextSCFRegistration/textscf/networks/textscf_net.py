@@ -204,7 +204,9 @@ class TextSCFNet(nn.Module):
         if regions.max() >= self.num_regions or regions.min() < 0:
             raise ValueError(f"region indices must lie in [0, {self.num_regions}), got [{int(regions.min())}, {int(regions.max())}]")
         p = None if confidence is None else confidence[:, :, ::2, ::2, ::2].to(features.dtype)
-        half = self.head(features, self.text_matrix, regions, p)
+        # The field stages run on the standard layout (a no-op unless the backbone ran channels-last, as the
+        # inference path does): converting here, at half resolution, spares a copy of the full-resolution field.
+        half = self.head(features, self.text_matrix, regions, p).contiguous()
         if self.integrator is not None:
             # The half-resolution field is in full-resolution voxels: halve it into half-resolution voxels,
             # integrate there, and double back.
