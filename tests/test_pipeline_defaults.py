@@ -209,3 +209,12 @@ def test_cancel_during_refinement_stops_within_one_step(pair, tiny_abdomen_check
         register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, **DEFAULTS),
                  fixed_labels=pair["fixed_labels"], progress=progress, cancel=lambda: bool(requested_at))
     assert len(steps_seen) - requested_at[0] <= 1
+
+
+def test_time_left_before_the_refinement_counts_the_refinement_ahead(pair, tiny_abdomen_checkpoint):
+    updates = []
+    result = register(pair["fixed"], pair["moving"], _options(tiny_abdomen_checkpoint, **DEFAULTS),
+                      fixed_labels=pair["fixed_labels"], progress=lambda *update: updates.append(update))
+    expected = result.stats["schedule"]["estimated_seconds"]
+    before = [left for stage, _, left in updates if stage in ("initial alignment", "resample to model grid")]
+    assert before and all(left >= expected for left in before)

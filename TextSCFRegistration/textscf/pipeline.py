@@ -150,7 +150,8 @@ class _Progress:
     of :data:`STAGES` until refinement is planned: then the remaining stages share what is left of the bar in
     proportion to their expected seconds (the finished stages' pace, the schedule's refinement estimate), so the bar
     moves about evenly in time. Seconds left: the refinement's measured pace plus the later stages' expected time
-    during refinement, else the elapsed time extrapolated by the fraction. A callback that takes only
+    during refinement, else the elapsed time extrapolated by the fraction (plus, before it, the schedule's estimate of
+    the refinement ahead). A callback that takes only
     ``(stage, fraction)`` gets the stage starts, as before.
     """
 
@@ -164,6 +165,7 @@ class _Progress:
         self._shown = 0.0
         self._stage = ""
         self._tail_seconds = 0.0  # expected seconds of the stages after "register"
+        self._refinement_ahead = 0.0  # expected seconds of a refinement not started yet
 
     def check_cancel(self):
         if self.cancel is not None and self.cancel():
@@ -180,7 +182,9 @@ class _Progress:
 
     def _extrapolated_seconds_left(self) -> float | None:
         elapsed = time.perf_counter() - self.started
-        return elapsed * (1.0 - self._shown) / self._shown if self._shown > 0 else None
+        if self._shown <= 0:
+            return None
+        return elapsed * (1.0 - self._shown) / self._shown + self._refinement_ahead
 
     @contextmanager
     def stage(self, name: str):
@@ -193,8 +197,13 @@ class _Progress:
         self._done += self.shares[name]
         self.check_cancel()
 
+    def expect_refinement(self, expected_seconds: float) -> None:
+        """Once the schedule is known: the time left includes the refinement ahead."""
+        self._refinement_ahead = max(expected_seconds, 0.0)
+
     def plan_refinement(self, expected_seconds: float) -> None:
         """At the start of "register": give it and the later stages the rest of the bar by their expected time."""
+        self._refinement_ahead = 0.0
         names = [name for name, _ in STAGES]
         later = names[names.index(self._stage):]
         elapsed = time.perf_counter() - self.started
@@ -564,6 +573,7 @@ def register(
             warnings.warn(note, stacklevel=2)
             stats["device_note"] = note
         stats["schedule"] = schedule.as_dict()
+        steps.expect_refinement(schedule.estimated_seconds)
         stats["moving_labels"] = ("scoring and the refinement loss (Dice weight "
                                   f"{options.refine_label_weight:g})" if guide else
                                   "scoring only" if moving_labels is not None else "none")
