@@ -234,7 +234,15 @@ def test_cli_brain_preset_with_the_bundled_model_says_what_works(tmp_path, capsy
         image.SetSpacing((1.0, 1.0, 1.0))
         paths.append(str(tmp_path / f"{name}.nii.gz"))
         sitk.WriteImage(image, paths[-1])
+    labels = sitk.GetImageFromArray(np.full((24, 28, 32), 17, np.int16))  # Left-Hippocampus everywhere
+    labels.SetSpacing((1.0, 1.0, 1.0))
+    sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
+    # the bundled one-hot CT model, named explicitly, cannot take the brain regions: the message says what works
+    # (without --checkpoint the default schedule picks a fresh network for MRI by itself)
+    from textscf.pipeline import bundled_model_path
+
     assert main(["register", *paths, "-o", str(tmp_path / "out"), "--preset", "brain-mri", "--device", "cpu",
+                 "--checkpoint", str(bundled_model_path()), "--fixed-labels", str(tmp_path / "labels.nii.gz"),
                  "--quiet", "--no-qc"]) == 2
     err = capsys.readouterr().err
     assert "knows only 13 regions" in err and "--checkpoint fresh --refine 150" in err
