@@ -644,7 +644,9 @@ def _interrupt(signum: int, base_inputs: Path, ckpt: Path, tmp_path: Path) -> No
         deadline = time.monotonic() + 120
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the output folder appears when the registration starts
-        time.sleep(1.0)
+        # the engine imports torch and loads the model after that; on a loaded machine this takes seconds, and a
+        # signal that lands inside a native library's initialisation was once lost (CI under load)
+        time.sleep(5.0)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
