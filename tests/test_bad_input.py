@@ -639,14 +639,15 @@ def _interrupt(signum: int, base_inputs: Path, ckpt: Path, tmp_path: Path) -> No
     out = tmp_path / "out"
     ctx = Ctx(inputs=inputs, out=out, ckpt=ckpt, tmp=tmp_path)
     argv = ctx.register("--refine", "100000")  # never finishes by itself
-    proc = subprocess.Popen(_textscf(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    # A shell that starts a job in the background without job control (e.g. a CI runner's `cmd &`) makes it ignore
+    # SIGINT, and the ignore is inherited: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(_textscf(*argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.default_int_handler))
     try:
         deadline = time.monotonic() + 120
         while not out.exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)  # the output folder appears when the registration starts
-        # the engine imports torch and loads the model after that; on a loaded machine this takes seconds, and a
-        # signal that lands inside a native library's initialisation was once lost (CI under load)
-        time.sleep(5.0)
+        time.sleep(1.0)
         assert proc.poll() is None, proc.communicate()
         proc.send_signal(signum)
         _, err = proc.communicate(timeout=120)
