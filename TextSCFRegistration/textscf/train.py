@@ -304,7 +304,7 @@ def train(
                 confidence = confidence.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 result = model(m, f, fr, confidence)
-            loss, parts = _step_loss(net, criterion, label_warp, result, item, m, mr, fr, settings, device)
+            loss, parts = _step_loss(net, criterion, label_warp, result, item, f, mr, fr, settings, device)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
@@ -338,10 +338,9 @@ def train(
     return TrainResult(best_path if best_path.is_file() else None, last_path, best, history)
 
 
-def _step_loss(net, criterion, label_warp, result, item, moving, moving_regions, fixed_regions, settings, device):
+def _step_loss(net, criterion, label_warp, result, item, fixed, moving_regions, fixed_regions, settings, device):
     """The training objective of one step: similarity + smoothness (``criterion``), the (multi-scale) Dice on the
     warped moving labels, and the endpoint error where the item carries a known field."""
-    fixed = item["fixed"].to(device)
     displacement = result.displacement.float()
     loss, parts = criterion(result.warped.float(), fixed, result.regularised_field.float())
     n = net.num_regions
