@@ -33,7 +33,7 @@ In every image format Slicer (vtkMRMLTransformStorageNode::ReadFromImageFile) ta
 returns as LPS (for a 1006 NIfTI, ITK has already converted them from the file's RAS), converts them to RAS by
 negating the first two components, and uses the field as a resampling transform (TransformFromParent) unless
 an NRRD says ``displacement field type:=modeling``. So a Slicer user applies our file to the *moving* volume
-(it maps fixed-space points to moving-space points). tests/test_io.py loads every format with Slicer's own
+(it maps fixed-space points to moving-space points). Testing/test_io.py loads every format with Slicer's own
 vtkMRMLTransformStorageNode (slicer-core) and checks the mapped points against ITK.
 """
 from __future__ import annotations
