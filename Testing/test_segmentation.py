@@ -16,9 +16,8 @@ from textscf.segmentation import (
     Segmentor,
     SwinUNETRSegmentor,
     grid_mismatch,
-    sha256_of,
-    verify_sha256,
 )
+from textscf.files import sha256_of, verify_sha256
 
 REGIONS = ["liver", "spleen", "kidney"]
 

@@ -11,12 +11,12 @@ The text matrix B the model was trained with is the ``text_matrix`` buffer insid
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from textscf.errors import CheckpointError
+from textscf.files import replace_atomically
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 
 FORMAT = "textscf-checkpoint"
@@ -34,15 +34,7 @@ def save_checkpoint(net: TextSCFNet, path: str | os.PathLike, metadata: dict | N
         "metadata": dict(metadata or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return replace_atomically(path, lambda temp: torch.save(payload, temp))
 
 
 def read_checkpoint_file(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -42,7 +42,6 @@ import json
 import os
 import stat
 import tempfile
-import uuid
 import warnings
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -51,6 +50,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from textscf.errors import InputError, OutputError
+from textscf.files import file_suffix, replace_atomically, temp_sibling
 
 __all__ = [
     "IMAGE_WRITE_SUFFIXES",
@@ -90,12 +90,6 @@ MANIFEST_NAME = "textscf-manifest.json"
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _suffix(path: str | os.PathLike) -> str:
-    """Lower-case extension, with the double extension ``.nii.gz`` kept whole."""
-    name = Path(path).name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else Path(name).suffix
-
-
 def _first_line(exc: BaseException) -> str:
     """The informative last line of an ITK exception (they start with a long source location)."""
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
@@ -182,7 +176,7 @@ def _read_sitk_image(path: Path, role: str) -> sitk.Image:
             # MetaImage's reader says this when the voxel data ends early (or a .mhd's data file is missing)
             raise InputError(f"{role}: '{path}' is truncated or damaged: its header was read but not all of its "
                              "voxel data" + (" (or the data file named by ElementDataFile is missing)"
-                                             if _suffix(path) == ".mhd" else "") +
+                                             if file_suffix(path) == ".mhd" else "") +
                              ". Fix: copy or export the file again.") from None
         raise InputError(f"{role}: cannot read '{path}' as an image ({reason}). Fix: give an image "
                          f"file SimpleITK can read: {_READ_FORMATS_HINT}.") from None
@@ -449,7 +443,7 @@ def read_transform(path: str | os.PathLike, role: str = "initial transform") -> 
     except RuntimeError as exc:
         transform = None
         itk_message = _first_line(exc)
-        if _suffix(path) not in (".h5", ".hdf5", ".tfm", ".txt", ".mat"):
+        if file_suffix(path) not in (".h5", ".hdf5", ".tfm", ".txt", ".mat"):
             try:
                 field = sitk.ReadImage(str(path))
             except RuntimeError:
@@ -473,17 +467,10 @@ def read_transform(path: str | os.PathLike, role: str = "initial transform") -> 
 
 
 # ----------------------------------------------------------------------------------------------- writers
-def _temp_sibling(final: Path) -> Path:
-    """A hidden, unique name in the same folder that keeps the extension (ITK picks the writer by it)."""
-    suffix = _suffix(final)
-    stem = final.name[: len(final.name) - len(suffix)] if suffix else final.name
-    return final.with_name(f".{stem}.textscf-tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}{suffix}")
-
-
 def _check_target(path: Path, overwrite: bool, allowed: Iterable[str], what: str) -> None:
     allowed = tuple(allowed)
-    if _suffix(path) not in allowed:
-        raise OutputError(f"cannot write {what} to '{path}': unsupported extension '{_suffix(path) or '(none)'}'. "
+    if file_suffix(path) not in allowed:
+        raise OutputError(f"cannot write {what} to '{path}': unsupported extension '{file_suffix(path) or '(none)'}'. "
                           f"Fix: use one of {', '.join(allowed)}.")
     if not path.parent.is_dir():
         raise OutputError(f"cannot write {what} to '{path}': folder '{path.parent}' does not exist. "
@@ -494,21 +481,12 @@ def _check_target(path: Path, overwrite: bool, allowed: Iterable[str], what: str
 
 
 def _replace_atomically(write, final: Path, what: str) -> None:
-    """Run ``write(temp_path)`` then move the temp file onto ``final``; remove the temp file on failure."""
-    temp = _temp_sibling(final)
+    """:func:`textscf.files.replace_atomically`, a failed write reported as an :class:`OutputError`."""
     try:
-        write(temp)
-        os.replace(temp, final)
-    except OutputError:
-        temp.unlink(missing_ok=True)
-        raise
+        replace_atomically(final, write)
     except (RuntimeError, OSError) as exc:
-        temp.unlink(missing_ok=True)
         raise OutputError(f"writing {what} to '{final}' failed ({_first_line(exc)}). Fix: check the free disk "
                           "space and the folder's permissions.") from None
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def write_bytes_atomically(data: bytes, path: str | os.PathLike, what: str = "the file") -> None:
@@ -517,7 +495,7 @@ def write_bytes_atomically(data: bytes, path: str | os.PathLike, what: str = "th
 
 
 def _write_image_file(image: sitk.Image, path: Path) -> None:
-    sitk.WriteImage(image, str(path), useCompression=_suffix(path) in (".nii.gz", ".nrrd", ".mha"))
+    sitk.WriteImage(image, str(path), useCompression=file_suffix(path) in (".nii.gz", ".nrrd", ".mha"))
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -568,7 +546,7 @@ def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
 
 
 def _write_field_file(field: sitk.Image, path: Path, nifti_intent: int) -> None:
-    suffix = _suffix(path)
+    suffix = file_suffix(path)
     if suffix in (".h5", ".hdf5"):
         # the transform takes ownership of (empties) the image it is given: hand it a copy
         sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(field)), str(path))
@@ -748,7 +726,7 @@ class OutputFolder:
                                   "or choose another folder.")
             if name not in self.names:
                 self._refuse_inputs([name], [])
-            self._temps[name] = _temp_sibling(self.path / name)
+            self._temps[name] = temp_sibling(self.path / name)
         return self._temps[name]
 
     def final_path(self, name: str) -> Path:
@@ -767,13 +745,13 @@ class OutputFolder:
 
     def write_image(self, image: sitk.Image, name: str) -> Path:
         """Write an image (``.nii.gz``, ``.nii``, ``.nrrd``, ``.mha``); returns the final path."""
-        if _suffix(name) not in IMAGE_WRITE_SUFFIXES:
+        if file_suffix(name) not in IMAGE_WRITE_SUFFIXES:
             raise OutputError(f"cannot write image '{name}': use one of {', '.join(IMAGE_WRITE_SUFFIXES)}.")
         return self._write(name, lambda t: _write_image_file(image, t), "image")
 
     def write_displacement(self, field: sitk.Image, name: str, nifti_intent: int = NIFTI_INTENT_DISPVECT) -> Path:
         """Write a displacement field transform (see :func:`write_displacement_transform`)."""
-        if _suffix(name) not in DISPLACEMENT_WRITE_SUFFIXES:
+        if file_suffix(name) not in DISPLACEMENT_WRITE_SUFFIXES:
             raise OutputError(f"cannot write displacement field '{name}': use one of "
                               f"{', '.join(DISPLACEMENT_WRITE_SUFFIXES)}.")
         field = _checked_field(field)
@@ -781,7 +759,7 @@ class OutputFolder:
 
     def write_transform(self, transform: sitk.Transform, name: str) -> Path:
         """Write an ITK transform file (``.h5``, ``.hdf5``, ``.tfm``, ``.txt``, ``.mat``)."""
-        if _suffix(name) not in TRANSFORM_WRITE_SUFFIXES:
+        if file_suffix(name) not in TRANSFORM_WRITE_SUFFIXES:
             raise OutputError(f"cannot write transform '{name}': use one of {', '.join(TRANSFORM_WRITE_SUFFIXES)}.")
         return self._write(name, lambda t: sitk.WriteTransform(transform, str(t)), "transform")
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.client
 import os
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from textscf.errors import CheckpointError, InputError, OutputError
+from textscf.files import replace_atomically, sha256_of, verify_sha256
 
 __all__ = [
     "SlicerSample",
@@ -82,8 +82,6 @@ def sample_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
 
 def _is_valid(path: Path, sha256: str) -> bool:
     """True if ``path`` holds the expected file; a corrupt or truncated copy is removed."""
-    from textscf.segmentation import verify_sha256
-
     if not path.is_file():
         return False
     try:
@@ -120,19 +118,16 @@ def fetch_sample(
     if _is_valid(target, sample.sha256):
         return target
     source = url or sample.url
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(prefix=f".{sample.file_name}.", suffix=".part", dir=target.parent)
-    except OSError as exc:
-        raise OutputError(
-            f"cannot write the sample cache folder {target.parent}: {exc}. "
-            "Fix: give a writable folder with --cache-dir, or set TEXTSCF_CACHE."
-        ) from exc
-    temp = Path(temp_name)
-    if log is not None:
-        log(f"downloading sample {name} (about {sample.size_mb:g} MB, {sample.licence}) from {source} to {target}")
-    try:
-        with os.fdopen(handle, "wb") as out:
+    def cache_error(exc: OSError) -> OutputError:
+        return OutputError(f"cannot write the sample cache folder {target.parent}: {exc}. "
+                           "Fix: give a writable folder with --cache-dir, or set TEXTSCF_CACHE.")
+
+    def download_and_check(temp: Path) -> None:
+        try:
+            out = open(temp, "xb")
+        except OSError as exc:
+            raise cache_error(exc) from exc
+        with out:
             try:
                 with urllib.request.urlopen(source, timeout=_DOWNLOAD_TIMEOUT_S) as response:
                     while chunk := response.read(1 << 20):
@@ -145,8 +140,6 @@ def fetch_sample(
                     f"connection and try again; or download {source} on another machine and place it at {target}; "
                     "or run `textscf demo` without --sample, which works offline."
                 ) from exc
-        from textscf.segmentation import sha256_of
-
         actual = sha256_of(temp)
         if actual != sample.sha256.lower():
             raise InputError(
@@ -154,10 +147,16 @@ def fetch_sample(
                 f"sample {name}, so it was discarded (a truncated download, a proxy page or a different file). "
                 f"Fix: try again, or download {sample.url} yourself and place it at {target}."
             )
-        os.replace(temp, target)
-    finally:
-        # Also on KeyboardInterrupt; after os.replace the temporary name no longer exists.
-        temp.unlink(missing_ok=True)
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise cache_error(exc) from exc
+    if log is not None:
+        log(f"downloading sample {name} (about {sample.size_mb:g} MB, {sample.licence}) from {source} to {target}")
+    # The download goes to a temporary sibling, renamed onto the final name only after the check (also on
+    # KeyboardInterrupt the temporary file is removed).
+    replace_atomically(target, download_and_check)
     return target
 
 

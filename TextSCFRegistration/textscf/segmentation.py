@@ -11,7 +11,6 @@ Region index 0 is the background; indices ``1..N-1`` follow the prompt list. Arr
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import operator
 import os
@@ -26,6 +25,7 @@ import SimpleITK as sitk
 
 from textscf.io import grid_mismatch
 from textscf.errors import CheckpointError, InputError
+from textscf.files import verify_sha256
 from textscf.text import validate_region_names
 
 BACKGROUND = "background"
@@ -371,32 +371,6 @@ def check_label_scheme(volumes_ml: Mapping[int, float], label_values: Sequence[i
 
 # --------------------------------------------------------------------------------------------------------------
 # SwinUNETR
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def verify_sha256(path: str | os.PathLike, expected: str, remove_on_mismatch: bool = True) -> None:
-    """Check ``path`` against the hex SHA-256 ``expected``; on mismatch remove the file and raise CheckpointError."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path} does not exist, so its SHA-256 cannot be checked. Fix: download it again.")
-    actual = sha256_of(path)
-    if actual.lower() != expected.strip().lower():
-        if remove_on_mismatch:
-            path.unlink()
-        raise CheckpointError(
-            f"SHA-256 mismatch for {path}: expected {expected.strip().lower()}, got {actual}"
-            + (" (the file was removed)" if remove_on_mismatch else "")
-            + ". The download is corrupted, truncated or a different version. "
-            "Fix: download it again, or update the expected hash if the new version is intended."
-        )
 
 
 def download_btcv_bundle(destination: str | os.PathLike, sha256: str | None = None) -> Path:

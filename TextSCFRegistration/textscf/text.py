@@ -14,7 +14,6 @@ import hashlib
 import inspect
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
@@ -22,6 +21,7 @@ from typing import Callable, Optional, Protocol, Sequence, runtime_checkable
 import torch
 
 from textscf.errors import CheckpointError, PromptError
+from textscf.files import replace_atomically
 
 __all__ = [
     "TEMPLATES",
@@ -559,24 +559,19 @@ class EmbeddingCache:
 
     def _store(self, path: Path, matrix: torch.Tensor, names: list[str], template: str, encoder_name: str) -> None:
         entry = {"text_matrix": matrix, "encoder": encoder_name, "template": template, "names": list(names)}
-        tmp_name: Optional[str] = None
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=self.directory)
-            with os.fdopen(fd, "wb") as handle:
+        def save_synced(temp: Path) -> None:
+            with open(temp, "wb") as handle:
                 torch.save(entry, handle)
                 handle.flush()
                 os.fsync(handle.fileno())
-            # os.replace is atomic: readers see the old file or the complete new one, never a partial write.
-            os.replace(tmp_name, path)
-            tmp_name = None
+
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            replace_atomically(path, save_synced)
         except OSError as exc:
             # The cache only saves time; a read-only location must not stop a registration.
             warnings.warn(f"could not write text embedding cache {path} ({exc}); continuing without caching",
                           stacklevel=3)
-        finally:
-            if tmp_name is not None and os.path.exists(tmp_name):
-                os.unlink(tmp_name)
 
     def get_or_build(
         self,

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from textscf import metrics
 from textscf.checkpoint import read_checkpoint_file, save_checkpoint
 from textscf.errors import CheckpointError, InputError
+from textscf.files import replace_atomically
 from textscf.losses import RegistrationLoss, endpoint_error_loss, multiscale_dice_loss, one_hot_regions
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, resolve_template
@@ -194,10 +195,9 @@ def validate(net: TextSCFNet, pairs: Dataset, device: torch.device) -> float:
 
 
 def _save_state(path: Path, optimiser, epoch: int, best: float, history: list[dict], settings: TrainSettings):
-    tmp = path.with_suffix(".tmp")
-    torch.save({"optimizer": optimiser.state_dict(), "epoch": epoch, "best_val_dice": best,
-                "history": history, "settings": asdict(settings)}, tmp)
-    os.replace(tmp, path)
+    state = {"optimizer": optimiser.state_dict(), "epoch": epoch, "best_val_dice": best, "history": history,
+             "settings": asdict(settings)}
+    replace_atomically(path, lambda temp: torch.save(state, temp))
 
 
 def train(
@@ -363,12 +363,14 @@ def _write_log(path: Path, history: list[dict]) -> None:
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
-    os.replace(tmp, path)
+
+    def write(temp: Path) -> None:
+        with open(temp, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys)
+            writer.writeheader()
+            writer.writerows(history)
+
+    replace_atomically(path, write)
 
 
 def describe(result: TrainResult) -> str:
