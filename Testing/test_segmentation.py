@@ -15,8 +15,8 @@ from textscf.segmentation import (
     Segmentation,
     Segmentor,
     SwinUNETRSegmentor,
-    grid_mismatch,
 )
+from textscf.spatial import grid_mismatch
 from textscf.files import sha256_of, verify_sha256
 
 REGIONS = ["liver", "spleen", "kidney"]

@@ -379,3 +379,18 @@ def test_ijk_to_ras_matches_slicer(tmp_path, left_handed):
         for i, j, k in [(0, 0, 0), (5, 9, 3), (35, 31, 27)]:
             np.testing.assert_allclose(slicer_ijk_to_ras @ [i, j, SHAPE[2] - 1 - k, 1], ours @ [i, j, k, 1],
                                        atol=1e-9)
+
+
+def test_same_grid_one_tolerance_set_for_images_and_model_grids():
+    grid = sp.ModelGrid((8, 9, 10), (1.0, 1.5, 2.0), (10.0, -5.0, 3.0))
+    image = grid.reference_image()
+    assert sp.same_grid(grid, image) and sp.same_grid(image, grid) and sp.grid_mismatch(grid, image) == []
+    float32_noise = sp.ModelGrid(grid.shape, np.float32(grid.spacing), np.array(grid.origin) + 4e-4, grid.direction)
+    assert sp.same_grid(grid, float32_noise)  # a NIfTI's float32 affine is the same grid
+    for other, word in [(sp.ModelGrid((8, 9, 11), grid.spacing, grid.origin), "size"),
+                        (sp.ModelGrid(grid.shape, (1.0, 1.5, 2.01), grid.origin), "spacing"),
+                        (sp.ModelGrid(grid.shape, grid.spacing, (10.0, -5.0, 3.01)), "origin"),
+                        (sp.ModelGrid(grid.shape, grid.spacing, grid.origin, (-1, 0, 0, 0, -1, 0, 0, 0, 1)),
+                         "direction")]:
+        assert not sp.same_grid(grid, other)
+        assert [p.split()[0] for p in sp.grid_mismatch(grid, other)] == [word]

@@ -51,6 +51,7 @@ import SimpleITK as sitk
 
 from textscf.errors import InputError, OutputError
 from textscf.files import file_suffix, replace_atomically, temp_sibling
+from textscf.spatial import grid_mismatch, ijk_to_ras_matrix, plain_numbers
 
 __all__ = [
     "IMAGE_WRITE_SUFFIXES",
@@ -64,7 +65,6 @@ __all__ = [
     "write_bytes_atomically",
     "check_same_grid",
     "check_geometry",
-    "grid_mismatch",
     "special_file_kind",
     "check_input_path",
     "same_file",
@@ -218,12 +218,12 @@ def check_geometry(img: sitk.Image, what: str) -> None:
                          f"(textscf accepts {lo:g} to {hi:g} mm; a header in metres or micrometres looks like this). "
                          "Fix: correct the spacing in the header (in millimetres) and save the image again.")
     if not np.all(np.isfinite(origin)):
-        raise InputError(f"{what} has a non-finite origin {_numbers(origin)}. Fix: correct the origin in the header.")
+        raise InputError(f"{what} has a non-finite origin {plain_numbers(origin)}. Fix: correct the origin in the header.")
     direction = np.array(img.GetDirection(), dtype=float).reshape(3, 3)
     gram = direction.T @ direction
     if not np.all(np.isfinite(direction)) or np.abs(gram - np.eye(3)).max() > _ORTHONORMAL_TOL:
         lengths = ", ".join(f"{v:.3g}" for v in np.sqrt(np.abs(np.diag(gram))))
-        raise InputError(f"{what} has a sheared or scaled direction matrix {_numbers(direction.ravel())} "
+        raise InputError(f"{what} has a sheared or scaled direction matrix {plain_numbers(direction.ravel())} "
                          f"(column lengths {lengths}; a direction must be a rotation, orthonormal columns). Fix: "
                          "resample the image onto a grid without shear (e.g. harden the transform in 3D Slicer and "
                          "save the volume again), or correct the direction (TransformMatrix, sform) in the header.")
@@ -250,7 +250,7 @@ def _nifti_stored_values(path: Path, role: str) -> np.ndarray | None:
                 pixdim = np.asarray(header["pixdim"][1:1 + min(ndim, 3)], dtype=float)
                 if np.any(pixdim == 0) or not np.all(np.isfinite(pixdim)):
                     raise InputError(f"{role}: '{path}' stores the voxel spacing (pixdim) "
-                                     f"{_numbers(pixdim)} mm: 0 is not a spacing (ITK would silently "
+                                     f"{plain_numbers(pixdim)} mm: 0 is not a spacing (ITK would silently "
                                      "use 1 mm). Fix: set the real spacing in the header (e.g. nibabel: "
                                      "img.header.set_zooms(...)) and save the image again.")
                 break
@@ -317,50 +317,6 @@ def read_image(path: str | os.PathLike, role: str = "fixed image") -> sitk.Image
                          f"its background value ({lo:g} or {hi:g}), so there is nothing to register. Fix: check that "
                          "the right file was given and that it is not a mask, a marker image or a blank export.")
     return img
-
-
-# Grid tolerances: NIfTI stores its affine in float32, so exact equality is
-# too strict.
-_SPACING_RTOL = 1e-3
-_ORIGIN_TOL_FRACTION = 1e-3  # of the smallest voxel spacing, in mm
-_DIRECTION_TOL = 1e-3
-
-
-def _numbers(values, digits: int = 4) -> str:
-    """``(2, 1.5, 3)``: plain numbers for messages (a tuple of numpy floats prints as ``np.float64(2.0)``)."""
-    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
-
-
-def grid_mismatch(reference: sitk.Image, other: sitk.Image) -> list[str]:
-    """How ``other``'s grid differs from ``reference``'s, one sentence per differing property ([] = same grid)."""
-    problems = []
-    if reference.GetSize() != other.GetSize():
-        problems.append(f"size {other.GetSize()} vs {reference.GetSize()}")
-        # Still report the other properties: the fix is the same but the user sees the whole picture.
-    sp_r, sp_o = np.array(reference.GetSpacing()), np.array(other.GetSpacing())
-    d_sp = np.abs(sp_o - sp_r)
-    if np.any(d_sp > _SPACING_RTOL * sp_r):
-        problems.append(
-            f"spacing {_numbers(sp_o, 6)} vs {_numbers(sp_r, 6)} mm (differs by up to {d_sp.max():.4g} mm)"
-        )
-    d_or = float(np.abs(np.array(other.GetOrigin()) - np.array(reference.GetOrigin())).max())
-    tol_or = _ORIGIN_TOL_FRACTION * float(sp_r.min())
-    if d_or > tol_or:
-        problems.append(
-            f"origin {_numbers(other.GetOrigin())} vs {_numbers(reference.GetOrigin())} mm "
-            f"(differs by up to {d_or:.4g} mm, tolerance {tol_or:.2g} mm)"
-        )
-    dir_r = np.array(reference.GetDirection()).reshape(3, 3)
-    dir_o = np.array(other.GetDirection()).reshape(3, 3)
-    d_dir = float(np.abs(dir_o - dir_r).max())
-    if d_dir > _DIRECTION_TOL:
-        # Angle of the rotation taking one frame to the other (meaningful when both have the same handedness).
-        cos = np.clip((np.trace(dir_r.T @ dir_o) - 1.0) / 2.0, -1.0, 1.0)
-        problems.append(
-            f"direction {_numbers(dir_o.ravel())} vs {_numbers(dir_r.ravel())} "
-            f"(entries differ by up to {d_dir:.4g}, about {np.degrees(np.arccos(cos)):.3g} degrees)"
-        )
-    return problems
 
 
 def check_same_grid(image: sitk.Image, reference: sitk.Image, what: str, reference_what: str = "the image") -> None:
@@ -528,7 +484,6 @@ def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
     """NIfTI-1, intent 1006, RAS vectors, 5-D ``(I, J, K, 1, 3)`` layout, qform = sform = RAS affine."""
     import nibabel as nib
 
-    from textscf.spatial import ijk_to_ras_matrix
 
     view = sitk.GetArrayViewFromImage(field)  # [k, j, i, c], no copy
     size = field.GetSize()

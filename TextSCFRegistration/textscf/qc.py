@@ -29,6 +29,7 @@ import SimpleITK as sitk
 
 from textscf.errors import InputError, OutputError
 from textscf.results import RegistrationResult
+from textscf.spatial import same_grid
 
 __all__ = [
     "VIEWS",
@@ -168,14 +169,6 @@ def view_planes(reference: sitk.Image, point: Sequence[float] | None = None) -> 
     return planes
 
 
-def _same_grid(a: sitk.Image, b: sitk.Image) -> bool:
-    tol = 1e-3 * min(min(a.GetSpacing()), min(b.GetSpacing()))
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=1e-5, atol=0)
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), rtol=0, atol=tol)
-            and np.allclose(a.GetDirection(), b.GetDirection(), rtol=0, atol=1e-5))
-
-
 def _slice_kji(arr_kji: np.ndarray, plane: ViewPlane) -> np.ndarray:
     """The display-oriented 2-D slice (plus trailing component axis) of a SimpleITK-ordered ``[k, j, i, ...]`` array."""
     index: list[Any] = [slice(None)] * 3
@@ -220,7 +213,7 @@ def extract_view(image: sitk.Image, plane: ViewPlane, reference: sitk.Image, int
     """
     if image.GetDimension() != 3:
         raise InputError(f"the QC figure needs 3-D images, got a {image.GetDimension()}-D one.")
-    if _same_grid(image, reference):
+    if same_grid(reference, image):
         return _slice_kji(sitk.GetArrayViewFromImage(image), plane)
     interp = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}[interpolator]
     ref = _plane_reference(reference, plane)

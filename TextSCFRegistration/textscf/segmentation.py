@@ -23,7 +23,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import SimpleITK as sitk
 
-from textscf.io import grid_mismatch
+from textscf.spatial import grid_mismatch
 from textscf.errors import CheckpointError, InputError
 from textscf.files import verify_sha256
 from textscf.text import validate_region_names

@@ -18,6 +18,8 @@ from textscf.errors import InputError
 
 __all__ = [
     "ModelGrid",
+    "grid_mismatch",
+    "same_grid",
     "model_grid_for",
     "body_threshold_for",
     "resample_to_grid",
@@ -147,6 +149,66 @@ def _as_reference(grid: GridLike) -> sitk.Image:
     return grid.reference_image() if isinstance(grid, ModelGrid) else grid
 
 
+# ----------------------------------------------------------------------------------------------- grid equality
+# The one tolerance set for "the same voxel grid". NIfTI stores its affine in float32, so exact equality is too strict.
+GRID_SPACING_RTOL = 1e-3
+GRID_ORIGIN_TOL_FRACTION = 1e-3  # of the reference's smallest voxel spacing, in mm
+GRID_DIRECTION_TOL = 1e-3
+
+
+def plain_numbers(values, digits: int = 4) -> str:
+    """``(2, 1.5, 3)``: plain numbers for messages (a tuple of numpy floats prints as ``np.float64(2.0)``)."""
+    return "(" + ", ".join(f"{round(float(v), digits):g}" for v in values) + ")"
+
+
+def _geometry(grid: GridLike) -> tuple[tuple[int, ...], np.ndarray, np.ndarray, np.ndarray]:
+    """Size, spacing, origin and direction of a ModelGrid or an image (of any dimension)."""
+    if isinstance(grid, ModelGrid):
+        return grid.shape, np.array(grid.spacing), np.array(grid.origin), np.array(grid.direction)
+    return (tuple(grid.GetSize()), np.array(grid.GetSpacing()), np.array(grid.GetOrigin()),
+            np.array(grid.GetDirection()))
+
+
+def grid_mismatch(reference: GridLike, other: GridLike) -> list[str]:
+    """How ``other``'s grid differs from ``reference``'s, one sentence per differing property ([] = same grid)."""
+    size_r, sp_r, or_r, dir_r = _geometry(reference)
+    size_o, sp_o, or_o, dir_o = _geometry(other)
+    problems = []
+    if size_r != size_o:
+        problems.append(f"size {size_o} vs {size_r}")
+        # Still report the other properties: the fix is the same but the user sees the whole picture.
+    if sp_r.shape != sp_o.shape:
+        return problems + [f"{len(sp_o)}-D vs {len(sp_r)}-D"]
+    d_sp = np.abs(sp_o - sp_r)
+    if np.any(d_sp > GRID_SPACING_RTOL * sp_r):
+        problems.append(
+            f"spacing {plain_numbers(sp_o, 6)} vs {plain_numbers(sp_r, 6)} mm (differs by up to {d_sp.max():.4g} mm)"
+        )
+    d_or = float(np.abs(or_o - or_r).max())
+    tol_or = GRID_ORIGIN_TOL_FRACTION * float(sp_r.min())
+    if d_or > tol_or:
+        problems.append(
+            f"origin {plain_numbers(or_o)} vs {plain_numbers(or_r)} mm "
+            f"(differs by up to {d_or:.4g} mm, tolerance {tol_or:.2g} mm)"
+        )
+    n = len(sp_r)
+    dir_r, dir_o = dir_r.reshape(n, n), dir_o.reshape(n, n)
+    d_dir = float(np.abs(dir_o - dir_r).max())
+    if d_dir > GRID_DIRECTION_TOL:
+        # Angle of the rotation taking one frame to the other (meaningful when both have the same handedness).
+        cos = np.clip((np.trace(dir_r.T @ dir_o) - 1.0) / 2.0, -1.0, 1.0)
+        problems.append(
+            f"direction {plain_numbers(dir_o.ravel())} vs {plain_numbers(dir_r.ravel())} "
+            f"(entries differ by up to {d_dir:.4g}, about {np.degrees(np.arccos(cos)):.3g} degrees)"
+        )
+    return problems
+
+
+def same_grid(a: GridLike, b: GridLike) -> bool:
+    """True when ``b`` lies on ``a``'s voxel grid within the engine's one tolerance set (:func:`grid_mismatch`)."""
+    return not grid_mismatch(a, b)
+
+
 def _interpolator(name: str) -> int:
     try:
         return _INTERPOLATORS[name]
@@ -172,10 +234,7 @@ def _body_bbox_centre(image: sitk.Image, body_mask: sitk.Image | None,
     # Work on a subsampled copy (<= ~128 voxels per axis): the box only needs voxel-scale precision.
     factors = [max(1, s // 128) for s in image.GetSize()]
     if body_mask is not None:
-        if body_mask.GetSize() != image.GetSize() or not (
-                np.allclose(body_mask.GetOrigin(), image.GetOrigin(), atol=1e-3 * min(image.GetSpacing()))
-                and np.allclose(body_mask.GetSpacing(), image.GetSpacing(), rtol=1e-4)
-                and np.allclose(body_mask.GetDirection(), image.GetDirection(), atol=1e-4)):
+        if not same_grid(image, body_mask):
             body_mask = sitk.Resample(body_mask, image, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
         # max-pooling keeps thin structures that plain subsampling could skip
         mask = sitk.Cast(sitk.NotEqual(body_mask, 0), sitk.sitkUInt8)
@@ -377,9 +436,7 @@ def physical_displacement_to_voxel(field: sitk.Image, grid: GridLike | None = No
     g = ModelGrid.from_image(field)
     if grid is not None:
         other = _as_grid(grid)
-        if other.shape != g.shape or not (np.allclose(other.spacing, g.spacing, rtol=1e-6)
-                                          and np.allclose(other.origin, g.origin, atol=1e-4)
-                                          and np.allclose(other.direction, g.direction, atol=1e-6)):
+        if not same_grid(g, other):
             raise InputError("the displacement field is not on the requested grid; resample it first "
                              "(resample_displacement).")
     if field.GetNumberOfComponentsPerPixel() != 3:
