@@ -29,7 +29,7 @@ import SimpleITK as sitk
 
 from textscf.errors import InputError, OutputError
 from textscf.results import RegistrationResult
-from textscf.spatial import same_grid
+from textscf.spatial import body_box_centre, same_grid
 
 __all__ = [
     "VIEWS",
@@ -245,8 +245,8 @@ def focus_point(fixed: sitk.Image, fixed_labels: sitk.Image | None = None) -> np
     """LPS mm point the QC views pass through.
 
     The centroid of the non-zero voxels of ``fixed_labels`` when given and not empty; otherwise the centre of the
-    bounding box of the largest connected body region of ``fixed`` (above -500 HU for CT, else 10 % of the way
-    between the 0.5th and 99.5th percentile, on a subsampled copy); otherwise the centre of ``fixed``.
+    body's bounding box (:func:`textscf.spatial.body_box_centre`, the point the model grid is centred on);
+    otherwise the centre of ``fixed``.
     """
     stats = sitk.LabelShapeStatisticsImageFilter()
     if fixed_labels is not None:
@@ -254,20 +254,9 @@ def focus_point(fixed: sitk.Image, fixed_labels: sitk.Image | None = None) -> np
         stats.Execute(mask)
         if stats.HasLabel(1):
             return np.array(stats.GetCentroid(1))
-    factors = [max(1, s // 96) for s in fixed.GetSize()]
-    small = sitk.Shrink(fixed, factors) if max(factors) > 1 else fixed
-    arr = sitk.GetArrayViewFromImage(small)
-    if arr.size and float(arr.min()) < -500.0:
-        threshold = -500.0
-    else:
-        lo, hi = np.percentile(arr, [0.5, 99.5]) if arr.size else (0.0, 0.0)
-        threshold = float(lo + 0.1 * (hi - lo))
-    components = sitk.RelabelComponent(sitk.ConnectedComponent(small > threshold), sortByObjectSize=True)
-    stats.Execute(components)
-    if stats.HasLabel(1):
-        box = stats.GetBoundingBox(1)
-        start, extent = np.array(box[:3], float), np.array(box[3:], float)
-        return np.array(small.TransformContinuousIndexToPhysicalPoint((start + (extent - 1) / 2.0).tolist()))
+    body = body_box_centre(fixed)
+    if body is not None:
+        return body
     return np.array(fixed.TransformContinuousIndexToPhysicalPoint(((np.array(fixed.GetSize()) - 1) / 2.0).tolist()))
 
 

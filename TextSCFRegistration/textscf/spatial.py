@@ -22,6 +22,7 @@ __all__ = [
     "same_grid",
     "model_grid_for",
     "body_threshold_for",
+    "body_box_centre",
     "resample_to_grid",
     "image_to_array",
     "array_to_image",
@@ -227,8 +228,8 @@ def body_threshold_for(image: sitk.Image) -> float:
     return float(lo + 0.1 * (hi - lo))
 
 
-def _body_bbox_centre(image: sitk.Image, body_mask: sitk.Image | None,
-                      body_threshold: float | None) -> np.ndarray | None:
+def body_box_centre(image: sitk.Image, body_mask: sitk.Image | None = None,
+                    body_threshold: float | None = None) -> np.ndarray | None:
     """LPS centre of the bounding box of all non-zero ``body_mask`` voxels (organs need not touch), or of the
     largest connected region above the threshold (specks and a detached CT table are ignored); None if empty."""
     # Work on a subsampled copy (<= ~128 voxels per axis): the box only needs voxel-scale precision.
@@ -270,7 +271,7 @@ def model_grid_for(fixed: sitk.Image, spacing: Sequence[float], shape: Sequence[
     spacing = tuple(float(s) for s in spacing)
     shape = tuple(int(s) for s in shape)
     fixed_grid = ModelGrid.from_image(fixed)
-    centre = _body_bbox_centre(fixed, body_mask, body_threshold)
+    centre = body_box_centre(fixed, body_mask, body_threshold)
     if centre is None:
         centre = fixed_grid.centre()
     d = fixed_grid.direction_matrix
