@@ -30,6 +30,7 @@ from textscf.phantom import (
     synthesize_ct_from_labels,
 )
 from textscf.presets import totalsegmentator_to_btcv
+from textscf.segmentation import lookup_regions
 
 BTCV_SPLIT: dict[str, list[str]] = {
     "train": [f"{i:04d}" for i in (*range(1, 11), *range(21, 31))],
@@ -397,26 +398,9 @@ def label_values_to_regions(
                     f"label value {value} is given to regions {mapping[value]} and {region}; give it to one region"
                 )
             mapping[value] = region
-    if lab.size == 0:
-        return lab.copy()
-    lo, hi = int(lab.min()), int(lab.max())
-    if hi - lo < 1 << 24:
-        lut = np.zeros(hi - lo + 1, np.int64)
-        known = np.zeros(hi - lo + 1, bool)
-        for value, region in mapping.items():
-            if lo <= value <= hi:
-                lut[value - lo], known[value - lo] = region, True
-        if lo <= 0 <= hi:
-            known[-lo] = True
-        shifted = lab - lo
-        regions = lut[shifted]
-        unknown_mask = ~known[shifted] if unknown == "error" else None
-    else:  # sparse huge values: sort-based lookup
-        values, inverse = np.unique(lab, return_inverse=True)
-        regions = np.array([mapping.get(int(v), 0) for v in values], np.int64)[inverse].reshape(lab.shape)
-        unknown_mask = None if unknown == "background" else ~np.isin(lab, [0, *mapping])
-    if unknown_mask is not None and unknown_mask.any():
-        bad = np.unique(lab[unknown_mask])
+    regions, present, _ = lookup_regions(lab, mapping)
+    bad = present[(present != 0) & ~np.isin(present, list(mapping))]
+    if unknown == "error" and bad.size:
         raise InputError(
             f"label values {bad[:10].tolist()}{' ...' if len(bad) > 10 else ''} have no region; add them to the "
             "preset's label values or pass unknown='background'"

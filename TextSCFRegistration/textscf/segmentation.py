@@ -147,7 +147,8 @@ class LabelMapSegmentor:
         label_map = _check_image(label_map, "the label map")
         array = self._integer_array(label_map)  # [k, j, i] int64
 
-        regions, present, counts = _remap(array, values)
+        regions_of = {value: region for region, value in enumerate(values, start=1)}
+        regions, present, counts = lookup_regions(array, regions_of, np.uint16)
         voxel_ml = float(np.prod(label_map.GetSpacing())) / 1000.0
         check_label_scheme(dict(zip(present.tolist(), (counts * voxel_ml).tolist())), values,
                            self._region_names[1:])
@@ -243,34 +244,32 @@ class LabelMapSegmentor:
         return Segmentation(labels=labels, confidence=confidence, region_names=self.region_names, probabilities=None)
 
 
-def _remap(array: np.ndarray, values: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Map label values to region indices (``values[i]`` -> ``i + 1``, the rest -> 0), vectorised.
+def lookup_regions(array: np.ndarray, regions_of: Mapping[int, int],
+                   dtype=np.int64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Region index of every voxel of a label map, by a lookup table (the one label value -> region lookup).
 
     Args:
         array: int64 label values, any shape.
-        values: the label values of regions 1..len(values).
+        regions_of: {label value: region index}; values not in it (0 among them) map to region 0.
+        dtype: the regions' dtype.
     Returns:
-        (regions: uint16 array of ``array``'s shape, present: sorted label values occurring in ``array``,
+        (regions: ``dtype`` array of ``array``'s shape, present: sorted label values occurring in ``array``,
         counts: the number of voxels of each present value).
     """
     if array.size == 0:
-        return np.zeros(array.shape, np.uint16), np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(array.shape, dtype), np.zeros(0, np.int64), np.zeros(0, np.int64)
     low, high = int(array.min()), int(array.max())
     if high - low < _MAX_LUT_SPAN:
         shifted = array - low
         histogram = np.bincount(shifted.ravel(), minlength=high - low + 1)
         present = np.flatnonzero(histogram)
-        lut = np.zeros(high - low + 1, np.uint16)
-        for index, value in enumerate(values, start=1):
+        lut = np.zeros(high - low + 1, dtype)
+        for value, region in regions_of.items():
             if low <= value <= high:
-                lut[value - low] = index
+                lut[value - low] = region
         return lut[shifted], present + low, histogram[present]
     present, inverse, counts = np.unique(array, return_inverse=True, return_counts=True)
-    lut = np.zeros(present.size, np.uint16)
-    position = {int(v): n for n, v in enumerate(present)}
-    for index, value in enumerate(values, start=1):
-        if value in position:
-            lut[position[value]] = index
+    lut = np.array([regions_of.get(int(v), 0) for v in present], dtype)
     return lut[inverse.reshape(array.shape)], present, counts
 
 
