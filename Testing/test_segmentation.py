@@ -326,7 +326,7 @@ def test_swin_wrapped_prefixed_bundle_layout(tmp_path):
 def test_swin_wrong_feature_size_or_classes(tmp_path, weights_file):
     with pytest.raises(CheckpointError, match="feature_size=12, not 24") as info:
         SwinUNETRSegmentor(weights_file, REGIONS, feature_size=24, roi_size=ROI)
-    assert "wrong shape" in str(info.value)
+    assert "mis-shaped" in str(info.value)
     with pytest.raises(CheckpointError, match=r"has 4 output classes but 3 were requested") as info:
         SwinUNETRSegmentor(weights_file, REGIONS[:2], feature_size=12, roi_size=ROI)
     assert "out.conv.conv.weight" in str(info.value)

@@ -11,6 +11,7 @@ The text matrix B the model was trained with is the ``text_matrix`` buffer insid
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -86,23 +87,45 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> tuple[TextSC
     return net, dict(payload.get("metadata", {}))
 
 
-def load_state_dict_checked(net: torch.nn.Module, state: dict, source: str) -> None:
-    """``load_state_dict`` whose errors name the missing, unexpected and mis-shaped keys."""
+def strip_module_prefix(state: Mapping) -> dict:
+    """``state`` without the ``module.`` key prefix that DataParallel / DistributedDataParallel add (when every key
+    has it; otherwise unchanged)."""
+    prefix = "module."
+    if state and all(k.startswith(prefix) for k in state):
+        return {k[len(prefix):]: v for k, v in state.items()}
+    return dict(state)
+
+
+def _few(names: Sequence[str], n: int = 4) -> str:
+    names = list(names)
+    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+
+
+def load_matching_state(net: torch.nn.Module, state: Mapping) -> list[str]:
+    """Load the parameters of ``state`` that fit ``net``; returns what did not fit ([] = all of it, strictly).
+
+    Each entry reads ``"2 missing (a, b)"``, ``"1 unexpected (c)"`` or ``"1 mis-shaped (d: file (3,) vs model (4,))"``.
+    The keys go through the network's own load hooks (``load_state_dict(strict=False)``), so a network that renames
+    keys of older files (MONAI's SwinUNETR) is judged after renaming.
+    """
     own = net.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    misshaped = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or misshaped:
-        parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
-            if items:
-                parts.append(f"{len(items)} {label} (e.g. {', '.join(items[:3])})")
+    misshaped = [k for k, v in state.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in misshaped]
+    try:
+        result = net.load_state_dict({k: v for k, v in state.items() if k not in misshaped}, strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    except RuntimeError as exc:  # a load hook renamed keys onto mis-shaped parameters
+        missing, unexpected = [], []
+        shapes.append(str(exc).splitlines()[-1].strip())
+    return [f"{len(items)} {label} ({_few(items)})"
+            for label, items in (("mis-shaped", shapes), ("missing", missing), ("unexpected", unexpected)) if items]
+
+
+def load_state_dict_checked(net: torch.nn.Module, state: Mapping, source: str) -> None:
+    """``load_state_dict`` whose error names the missing, unexpected and mis-shaped keys (:func:`load_matching_state`)."""
+    problems = load_matching_state(net, state)
+    if problems:
         raise CheckpointError(
-            f"weights in {source} do not fit the model: {'; '.join(parts)}. "
+            f"weights in {source} do not fit the model: {'; '.join(problems)}. "
             "The file was saved for a different architecture (start channels, head kind, region count or text encoder)"
         )
-    net.load_state_dict(state)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from textscf.checkpoint import load_state_dict_checked, read_checkpoint_file
+from textscf.checkpoint import load_state_dict_checked, read_checkpoint_file, strip_module_prefix
 from textscf.errors import CheckpointError
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 
@@ -47,19 +47,13 @@ def reference_text_matrix(region_embeddings: torch.Tensor) -> torch.Tensor:
     return torch.cat([vh[:, -1].unsqueeze(0), e], dim=0)
 
 
-def _strip_module_prefix(state: dict) -> dict:
-    if state and all(k.startswith("module.") for k in state):
-        return {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
 def convert_reference_state_dict(state: dict) -> tuple[dict, dict]:
     """Map the authors' keys onto :class:`TextSCFNet` keys; returns ``(state_dict, inferred sizes)``.
 
     Dropped: the identity-grid buffers (``transformer.grid``, ``integrate.transformer.grid``) and ``up4``, which
     their forward pass never uses.
     """
-    state = _strip_module_prefix(dict(state))
+    state = strip_module_prefix(state)
     required = ("eninput.layer.0.weight", "ec3.large.weight", "flow.generate_flow_x.mlp.0.weight", "flow.flow.weight")
     absent = [k for k in required if k not in state]
     if absent:

@@ -440,13 +440,9 @@ def _read_state_dict(weights: str | os.PathLike) -> dict:
             f"{path} does not hold a state dict (a mapping of parameter names to tensors, optionally under "
             "'state_dict', 'model' or 'net'). Fix: save model.state_dict() with torch.save."
         )
-    prefix = "module."  # DataParallel / DistributedDataParallel
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in loaded.items()}
+    from textscf.checkpoint import strip_module_prefix
 
-
-def _few(names: Sequence[str], n: int = 4) -> str:
-    names = list(names)
-    return ", ".join(names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
+    return strip_module_prefix(loaded)
 
 
 class SwinUNETRSegmentor:
@@ -546,8 +542,9 @@ class SwinUNETRSegmentor:
         return roi
 
     def _load_weights(self, net, state: dict, source) -> None:
+        from textscf.checkpoint import load_matching_state
+
         expected = net.state_dict()
-        mismatched = [k for k, v in state.items() if k in expected and tuple(v.shape) != tuple(expected[k].shape)]
         hints = []
         patch, out = "swinViT.patch_embed.proj.weight", "out.conv.conv.weight"
         if patch in state and state[patch].shape[0] != expected[patch].shape[0]:
@@ -557,26 +554,14 @@ class SwinUNETRSegmentor:
                 f"the checkpoint has {state[out].shape[0]} output classes but {len(self._region_names)} were requested "
                 f"(background + {len(self._region_names) - 1} region names)"
             )
-        try:
-            result = net.load_state_dict({k: v for k, v in state.items() if k not in mismatched}, strict=False)
-            missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-        except RuntimeError as exc:  # a load hook renamed keys onto mis-shaped parameters
-            missing, unexpected = [], []
-            mismatched.append(str(exc).splitlines()[-1].strip())
-        if missing or unexpected or mismatched:
-            parts = []
-            if mismatched:
-                parts.append(f"{len(mismatched)} with the wrong shape ({_few(mismatched)})")
-            if missing:
-                parts.append(f"{len(missing)} missing ({_few(missing)})")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected ({_few(unexpected)})")
+        problems = load_matching_state(net, state)
+        if problems:
             cause = "; ".join(hints) if hints else (
                 "it was probably saved from a different network or a different SwinUNETR configuration"
             )
             raise CheckpointError(
                 f"the SwinUNETR weights in {source} do not fit the requested network: parameters "
-                + "; ".join(parts) + f". Likely cause: {cause}. "
+                + "; ".join(problems) + f". Likely cause: {cause}. "
                 "Fix: pass the feature_size and the region names (one per non-background class) the weights were "
                 "trained with."
             )
