@@ -26,7 +26,7 @@ __all__ = [
     "resample_to_grid",
     "image_to_array",
     "array_to_image",
-    "normalise_intensity",
+    "IntensityNormaliser",
     "voxel_displacement_to_physical",
     "physical_displacement_to_voxel",
     "resample_displacement",
@@ -330,46 +330,19 @@ def array_to_image(arr: np.ndarray, like: GridLike) -> sitk.Image:
     return grid.apply_to(img)
 
 
-def normalise_intensity(array: np.ndarray, modality: str = "ct", ct_window: tuple[float, float] = (-500.0, 800.0),
-                        percentiles: tuple[float, float] = (0.5, 99.5)) -> np.ndarray:
-    """Intensities -> float32 in ``[0, 1]`` for the network.
-
-    CT: clip to ``ct_window`` (HU) and scale linearly (as the paper does for abdomen CT).
-    MRI: clip to the ``percentiles`` of the non-zero voxels (all voxels if fewer than 1 % are non-zero) and scale.
-
-    Args:
-        array: any-shape intensity array (e.g. ``(I, J, K)``).
-
-    Returns:
-        float32 array of the same shape.
-    """
-    x = np.asarray(array, dtype=np.float32)
-    modality = modality.lower()
-    if modality == "ct":
-        lo, hi = float(ct_window[0]), float(ct_window[1])
-        if not hi > lo:
-            raise InputError(f"ct_window must be (low, high) with high > low, got {ct_window}.")
-    elif modality in ("mri", "mr"):
-        fg = x[x != 0]
-        if fg.size < max(1, x.size // 100):
-            fg = x.ravel()
-        lo, hi = (float(v) for v in np.percentile(fg, percentiles))
-        if not hi > lo:  # (nearly) constant foreground: map it to 1, background to 0
-            return (x > lo).astype(np.float32) if np.any(x != lo) else np.zeros_like(x)
-    else:
-        raise InputError(f"unknown modality {modality!r}; choose 'ct' or 'mri'.")
-    out = (np.clip(x, lo, hi) - lo) / (hi - lo)
-    return out.astype(np.float32, copy=False)
-
-
 @dataclass(frozen=True)
 class IntensityNormaliser:
     """A model's intensity normalisation: the one object that training, validation and inference apply.
 
     Built from a model configuration's ``intensity`` entry (:meth:`from_config`), so a model always sees the
-    intensities it was trained with. ``kind``: ``"ct_window"`` (clip ``window`` HU, scale to [0, 1]),
-    ``"percentile"`` (MRI: clip to the ``percentiles`` of the non-zero voxels, scale) or ``"minmax"`` (the image's
-    own range; constant images become 0). Call it on an ``(I, J, K)`` array; returns float32 in [0, 1].
+    intensities it was trained with. ``kind``:
+
+    - ``"ct_window"``: clip to ``window`` (HU) and scale linearly (as the paper does for abdomen CT);
+    - ``"percentile"`` (MRI): clip to the ``percentiles`` of the non-zero voxels (all voxels if fewer than 1 % are
+      non-zero) and scale; a (nearly) constant foreground becomes 1, the background 0;
+    - ``"minmax"``: the image's own range; constant images become 0.
+
+    Call it on an any-shape intensity array (e.g. ``(I, J, K)``); returns float32 in [0, 1] of the same shape.
     """
 
     kind: str = "ct_window"
@@ -396,13 +369,23 @@ class IntensityNormaliser:
         return cls(kind, **intensity)
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
+        x = np.asarray(array, dtype=np.float32)
         if self.kind == "ct_window":
-            return normalise_intensity(array, "ct", ct_window=self.window)
-        if self.kind == "percentile":
-            return normalise_intensity(array, "mri", percentiles=self.percentiles)
-        x = np.asarray(array, np.float32)
-        lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
-        return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
+            lo, hi = self.window
+            if not hi > lo:
+                raise InputError(f"ct_window must be (low, high) with high > low, got {self.window}.")
+        elif self.kind == "percentile":
+            fg = x[x != 0]
+            if fg.size < max(1, x.size // 100):
+                fg = x.ravel()
+            lo, hi = (float(v) for v in np.percentile(fg, self.percentiles))
+            if not hi > lo:  # (nearly) constant foreground: map it to 1, background to 0
+                return (x > lo).astype(np.float32) if np.any(x != lo) else np.zeros_like(x)
+        else:
+            lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+            return np.zeros_like(x) if hi <= lo else (x - lo) / (hi - lo)
+        out = (np.clip(x, lo, hi) - lo) / (hi - lo)
+        return out.astype(np.float32, copy=False)
 
 
 # ----------------------------------------------------------------------------------------------- displacements
