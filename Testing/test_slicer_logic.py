@@ -2,6 +2,7 @@
 import hashlib
 import importlib.util
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -892,6 +893,7 @@ def test_process_end_to_end_on_the_example_pair(logic, scene, example_pair, tiny
 
     # Preset regions: the segments are matched to the preset's names and drawn with its label values.
     stages = []
+    logic.keepJobFolder = True  # to compare the nodes with the engine process's files
     nodes = logic.process(fixed, moving, {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
                           fixedSegmentationNode=pair["fixedSegmentationNode"],
                           movingSegmentationNode=pair["movingSegmentationNode"],
@@ -908,11 +910,15 @@ def test_process_end_to_end_on_the_example_pair(logic, scene, example_pair, tiny
     np.testing.assert_array_equal(ijk_to_ras_of(jacobian), ijk_to_ras_of(fixed))
     assert jacobian.GetImageData().GetDimensions() == fixed.GetImageData().GetDimensions()
     result = logic.lastResult
-    np.testing.assert_array_equal(slicer.util.arrayFromVolume(jacobian), sitk.GetArrayFromImage(result.jacobian))
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(jacobian),
+                                  sitk.GetArrayFromImage(sitk.ReadImage(result.jacobian.path)))
     # The transform is the engine's displacement, in RAS
-    probe = grid_ras(fixed)[20, 30, 40]
-    lps = np.array(result.transform().TransformPoint(tuple(F @ probe)))
-    np.testing.assert_allclose(transform.GetTransformFromParent().TransformPoint(probe), F @ lps, atol=1e-4)
+    field = sitk.ReadImage(result.displacement.path, sitk.sitkVectorFloat64)
+    engine_transform = sitk.DisplacementFieldTransform(field)
+    for probe in (grid_ras(fixed)[20, 30, 40], grid_ras(fixed)[5, 60, 17]):
+        lps = np.array(engine_transform.TransformPoint(tuple(F @ probe)))
+        np.testing.assert_allclose(transform.GetTransformFromParent().TransformPoint(probe), F @ lps, atol=1e-4)
+    shutil.rmtree(logic.job.folder)
 
     rows = table_rows(nodes["statsTableNode"])
     regions = [r[1] for r in rows if r[0] == "Dice"]

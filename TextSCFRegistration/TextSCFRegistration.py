@@ -16,19 +16,31 @@ The file runs unchanged in three places:
 - in ctest through ``slicer_add_python_unittest``.
 """
 
+import dataclasses
 import enum
 import json
 import logging
 import os
-import time
+import sys
 import unittest
 
 import numpy as np
 import vtk
-from vtk.util import numpy_support as vtk_np
 
 import slicer
 from slicer.util import VTKObservationMixin
+
+if os.path.dirname(os.path.abspath(__file__)) not in sys.path:  # the module loaded by path, outside Slicer
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from TextSCFRegistrationLib import conversions, engineprocess, presentation  # noqa: E402
+from TextSCFRegistrationLib.outputnodes import OutputNodes  # noqa: E402
+from TextSCFRegistrationLib.presentation import (  # noqa: E402,F401  (names scripts and tests use)
+    JACOBIAN_DISPLAY_MAX,
+    JACOBIAN_DISPLAY_MIN,
+    JACOBIAN_HIGH_COLOR,
+    JACOBIAN_LOW_COLOR,
+)
+from TextSCFRegistrationLib.scenechanges import SceneChanges, nodeIds, removeNewNodes  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------------------------------
 # GUI guard. ``slicer.ScriptedLoadableModule`` imports ``qt`` and ``ctk`` at import time, so it only imports inside the
@@ -96,27 +108,6 @@ except ImportError:  # slicer-core: no parameter node wrapper (it needs Qt for t
 # Constants
 #
 
-# RAS <-> LPS: flip the first two axes (the matrix is its own inverse).
-LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
-LPS_TO_RAS_4 = np.diag([-1.0, -1.0, 1.0, 1.0])
-
-# Jacobian display: a 256-entry table stretched over the window [JACOBIAN_DISPLAY_MIN, JACOBIAN_DISPLAY_MAX]. Entry i
-# is centred on |J| = i * JACOBIAN_BIN (bin width 2/255), so entry 0 holds |J| <= 0 (folding, bright green; values
-# below the window clamp to it, and it also takes 0 < |J| < 1/255), |J| = 1 falls between entries 127 and 128 (both
-# white, the window's centre), values below 1 fade to blue and values above 1 to red, saturating at 2.
-JACOBIAN_TABLE_SIZE = 256
-JACOBIAN_BIN = 2.0 / 255.0
-JACOBIAN_DISPLAY_MIN = -0.5 * JACOBIAN_BIN
-JACOBIAN_DISPLAY_MAX = 2.0 + 0.5 * JACOBIAN_BIN
-JACOBIAN_FOLDING_COLOR = (0.0, 1.0, 0.0)
-JACOBIAN_LOW_COLOR = (0.23, 0.30, 0.75)   # |J| -> 0: compression
-JACOBIAN_HIGH_COLOR = (0.71, 0.02, 0.15)  # |J| -> 2: expansion
-JACOBIAN_COLOR_NODE_NAME = "TextSCF Jacobian"
-
-# Stats table columns
-TABLE_COLUMNS = (("Measure", "string"), ("Region", "string"), ("Value", "double"), ("Before", "double"),
-                 ("Note", "string"))
-
 # The engine's requirements: one list, shipped with the engine (textscf/resources/requirements.json).
 REQUIREMENTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "textscf", "resources",
                                  "requirements.json")
@@ -142,11 +133,6 @@ TORCH_FOR_NUMPY2 = "2.4.1"
 _MODEL_CONFIGS = {}
 
 EXAMPLE_PAIR_SAMPLE_NAME = "TextSCFExamplePair"
-SEGMENT_COLORS = (
-    (0.90, 0.35, 0.30), (0.30, 0.65, 0.90), (0.95, 0.80, 0.25), (0.45, 0.80, 0.40), (0.75, 0.45, 0.85),
-    (0.95, 0.55, 0.20), (0.35, 0.85, 0.80), (0.85, 0.40, 0.60), (0.60, 0.60, 0.30), (0.40, 0.45, 0.85),
-    (0.85, 0.70, 0.55), (0.55, 0.85, 0.60), (0.70, 0.30, 0.30),
-)
 
 
 class InitialAlignment(enum.Enum):
@@ -366,7 +352,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
         uiWidget.setMRMLScene(slicer.mrmlScene)
 
         self.logic = TextSCFRegistrationLogic()
-        self.logic.pipelineRunner = self._runInWorkerThread
+        # The engine runs in a process of its own; while Apply waits for it the GUI stays alive through this.
+        self.logic.pollCallback = slicer.app.processEvents
 
         table = self.ui.regionsTableWidget
         table.setColumnCount(2)
@@ -770,10 +757,10 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
     def onCancelButton(self):
         self._cancelRequested = True
         self.ui.cancelButton.enabled = False
-        self.ui.statusLabel.text = _("Cancelling after the current step...")
+        self.ui.statusLabel.text = _("Stopping the registration...")
 
     def _runInWorkerThread(self, call):
-        """Run ``call`` (the engine, which touches no MRML node) on a worker thread and keep the GUI alive.
+        """Run ``call`` (a download, which touches no MRML node) on a worker thread and keep the GUI alive.
 
         Only the GUI thread touches Qt and MRML: the progress callback stores values, this loop shows them. Output
         written by the worker to stdout/stderr (tqdm, print) is buffered and replayed here, because Slicer's Python
@@ -792,7 +779,7 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
 
         stdout, stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = _ThreadSafeStream(stdout), _ThreadSafeStream(stderr)
-        worker = threading.Thread(target=target, name="TextSCF registration", daemon=True)
+        worker = threading.Thread(target=target, name="TextSCF download", daemon=True)
         try:
             worker.start()
             while worker.is_alive():
@@ -923,6 +910,8 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
     FIXED_VOLUME_REFERENCE_ROLE = "fixedVolume"
     MOVING_VOLUME_REFERENCE_ROLE = "movingVolume"
+    # Keep the engine process's job folder (inputs, outputs) after process() for inspection; removed by default.
+    keepJobFolder = False
 
     def __init__(self, scene=None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -932,8 +921,10 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         self.lastNodes = None
         # What the last process() decided for the user (a labelmap remapped by name, ...): shown in the table.
         self.notes = []
-        # Runs the engine call (a zero-argument callable); the widget replaces it with a worker-thread runner.
-        self.pipelineRunner = None
+        # Called every 50 ms while the engine process runs (the widget keeps the GUI alive with it).
+        self.pollCallback = None
+        # The running engine process's job (TextSCFRegistrationLib.engineprocess.EngineJob), the last one after.
+        self.job = None
 
     @property
     def scene(self):
@@ -1184,7 +1175,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
         return str(download_btcv_bundle(os.path.dirname(TextSCFRegistrationLogic.segmentorBundleFolder())))
 
-    # -- regions ------------------------------------------------------------------------------------------------------
+    # -- regions and MRML conversions (TextSCFRegistrationLib.conversions) -------------------------------------------
 
     @staticmethod
     def validateRegions(regions):
@@ -1197,7 +1188,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             if int(value) <= 0:
                 raise ValueError(_("Region '{0}': the label value must be a positive integer (0 is the background).")
                                  .format(name))
-            if _normalizedName(name) in {_normalizedName(n) for n in names}:
+            if conversions.normalizedName(name) in {conversions.normalizedName(n) for n in names}:
                 raise ValueError(_("Region '{0}' is listed twice.").format(name))
             if int(value) in values:
                 raise ValueError(_("Label value {0} is used by two regions.").format(int(value)))
@@ -1207,371 +1198,18 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("The region table is empty: add at least one region or choose a preset."))
         return names, values
 
-    def regionsOfNode(self, node):
-        """Region names and label values a segmentation or labelmap node carries by itself.
-
-        Segmentation: segment names, values 1..N in segment order. Labelmap: the values present, named from the
-        node's colour table when it has names there, otherwise "label <value>". Names other tools give a preset's
-        regions become that region's name (TotalSegmentator's "kidney_right" -> "right kidney").
-        """
-        if node.IsA("vtkMRMLSegmentationNode"):
-            segmentation = node.GetSegmentation()
-            names = [_canonicalName(segmentation.GetNthSegment(i).GetName())
-                     for i in range(segmentation.GetNumberOfSegments())]
-            return names, list(range(1, len(names) + 1))
-        values = [int(v) for v in np.unique(_arrayFromVolume(node)) if v != 0]
-        colorNames = self.colorNamesOfLabelmap(node, values)
-        return [_canonicalName(colorNames[v]) if v in colorNames else f"label {v}" for v in values], values
-
-    @staticmethod
-    def colorNamesOfLabelmap(node, values):
-        """{value: name} from the labelmap's colour table, for the given values that have a real name there."""
-        colorNode = node.GetDisplayNode().GetColorNode() if node.GetDisplayNode() else None
-        names = {}
-        for value in values:
-            if colorNode is None or not 0 <= value < colorNode.GetNumberOfColors():
-                continue
-            name = colorNode.GetColorName(value) or ""
-            if name.strip() and name.strip().lower() not in ("(none)", "background", "invalid"):
-                names[value] = name
-        return names
-
     def labelImageFromNode(self, node, referenceVolumeNode, regionNames=None, labelValues=None):
-        """A segmentation or labelmap node as a label map (SimpleITK, int32) on the reference volume's grid.
+        """``conversions.labelImageFromNode``; a labelmap remapped by name is noted in the results (``notes``)."""
+        return conversions.labelImageFromNode(node, referenceVolumeNode, regionNames, labelValues, self.notes)
 
-        Returns ``(image, regionNames, labelValues)``. With ``regionNames``, segments are matched to regions by name
-        (case, spaces, '_' and '-' ignored) and drawn with the region's label value (``labelValues``, default
-        1..N); unmatched segments are left out. Without, the node's own regions are used (``regionsOfNode``).
-        Labelmap values are kept as they are, unless they are another tool's (names in the labelmap's colour table, or
-        values that fit another bundled labelling scheme such as TotalSegmentator's): then they are mapped onto the
-        regions by name. The labelmap is resampled (nearest neighbour) if its grid differs.
-        """
-        from textscf.errors import InputError
-
-        if regionNames is not None:
-            regionNames = list(regionNames)
-            labelValues = list(labelValues) if labelValues is not None else list(range(1, len(regionNames) + 1))
-            if len(labelValues) != len(regionNames):
-                raise InputError(f"{len(regionNames)} region names but {len(labelValues)} label values")
-        if node.IsA("vtkMRMLSegmentationNode"):
-            segmentation = node.GetSegmentation()
-            segmentIds = [segmentation.GetNthSegmentID(i) for i in range(segmentation.GetNumberOfSegments())]
-            if not segmentIds:
-                raise InputError(f"segmentation '{node.GetName()}' has no segments")
-            segmentNames = [segmentation.GetSegment(s).GetName() for s in segmentIds]
-            if regionNames is None:
-                regionNames, labelValues = segmentNames, list(range(1, len(segmentIds) + 1))
-                valueOfSegment = dict(zip(segmentIds, labelValues))
-            else:
-                valueByName = {_normalizedName(n): v for n, v in zip(regionNames, labelValues)}
-                valueOfSegment = {s: valueByName[_normalizedName(n)] for s, n in zip(segmentIds, segmentNames)
-                                  if _normalizedName(n) in valueByName}
-                unmatched = [n for n in segmentNames if _normalizedName(n) not in valueByName]
-                if not valueOfSegment:
-                    raise InputError(f"none of the segments of '{node.GetName()}' ({', '.join(segmentNames)}) "
-                                     f"matches a region ({', '.join(regionNames)}): rename the segments or edit the "
-                                     "region table")
-                if unmatched:
-                    logging.warning("TextSCF: segments of '%s' without a matching region are ignored: %s",
-                                    node.GetName(), ", ".join(unmatched))
-            array = self._segmentsToLabelArray(node, [(s, valueOfSegment[s]) for s in segmentIds
-                                                      if s in valueOfSegment], referenceVolumeNode)
-            return _imageFromArray(array, referenceVolumeNode), list(regionNames), list(labelValues)
-
-        if not node.IsA("vtkMRMLLabelMapVolumeNode") and not node.IsA("vtkMRMLScalarVolumeNode"):
-            raise InputError(f"'{node.GetName()}' is neither a segmentation nor a labelmap volume")
-        import SimpleITK as sitk
-
-        image = self.volumeNodeToSitk(node, checkFinite=False)
-        reference = self.volumeNodeToSitk(referenceVolumeNode, checkFinite=False, withVoxels=False)
-        if not _sameGrid(image, reference):
-            image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0,
-                                  image.GetPixelID())
-        image = sitk.Cast(image, sitk.sitkInt32)
-        if regionNames is None:
-            regionNames, labelValues = self.regionsOfNode(node)
-        else:
-            image = self._relabelByColorNames(node, image, regionNames, labelValues)
-            image = self._relabelByDetectedScheme(node, image, regionNames, labelValues)
-        return image, list(regionNames), list(labelValues)
-
-    def _relabelByDetectedScheme(self, node, image, regionNames, labelValues):
-        """Map a labelmap whose values follow another bundled labelling scheme onto the regions by name.
-
-        A TotalSegmentator labelmap without names, read with the BTCV preset, would make its liver (5) the
-        "esophagus": the engine's check (``textscf.segmentation.label_scheme_check``) finds the scheme the values
-        fit instead, each of that scheme's regions gets the chosen region's value and the rest is background. The
-        change is noted in the results (``notes``). When no bundled scheme fits, the values are kept and the engine
-        refuses them with its message.
-        """
-        import SimpleITK as sitk
-
-        from textscf.presets import same_region
-        from textscf.segmentation import label_scheme_check, label_volumes_ml
-
-        problems, candidates = label_scheme_check(label_volumes_ml(image), labelValues, regionNames)
-        if not problems or not candidates:
-            return image
-        scheme = candidates[0]
-        mapping = {int(schemeValue): int(value) for name, value in zip(regionNames, labelValues)
-                   for schemeName, schemeValue in zip(scheme.region_names, scheme.label_values)
-                   if same_region(name, schemeName)}
-        if not mapping:
-            return image
-        array = sitk.GetArrayViewFromImage(image)
-        lookup = np.zeros(max(int(array.max()), max(mapping)) + 1, np.int32)
-        for source, target in mapping.items():
-            lookup[source] = target
-        relabelled = sitk.GetImageFromArray(lookup[np.clip(array, 0, None)])
-        relabelled.CopyInformation(image)
-        note = (f"labelmap '{node.GetName()}' has the label values of the '{scheme.name}' preset ({scheme.title}), "
-                f"not those of the chosen regions ({'; '.join(problems)}); its regions were mapped by name")
-        logging.warning("TextSCF: %s", note)
-        self.notes.append(note)
-        return relabelled
-
-    def _relabelByColorNames(self, node, image, regionNames, labelValues):
-        """Map a labelmap's values onto the regions' label values by the names in its colour table.
-
-        A labelmap written by another tool (TotalSegmentator: 5 = liver) carries its own values; when its colour table
-        names at least two of the regions, each value named as a region gets that region's value and every other
-        value becomes background. Without such names the values are kept (the engine then checks that they fit).
-        """
-        import SimpleITK as sitk
-
-        array = sitk.GetArrayViewFromImage(image)
-        present = [int(v) for v in np.unique(array) if v != 0]
-        valueOfRegion = {_normalizedName(n): int(v) for n, v in zip(regionNames, labelValues)}
-        mapping = {value: valueOfRegion[_normalizedName(name)]
-                   for value, name in self.colorNamesOfLabelmap(node, present).items()
-                   if _normalizedName(name) in valueOfRegion}
-        if len(mapping) < 2 or all(source == target for source, target in mapping.items()):
-            return image
-        lookup = np.zeros(max(present) + 1, np.int32)
-        for source, target in mapping.items():
-            lookup[source] = target
-        dropped = sorted(set(present) - set(mapping))
-        if dropped:
-            logging.info("TextSCF: labelmap '%s' relabelled by its colour names; %d label value(s) without a region "
-                         "are background", node.GetName(), len(dropped))
-        relabelled = sitk.GetImageFromArray(lookup[np.clip(array, 0, None)])
-        relabelled.CopyInformation(image)
-        return relabelled
-
-    @staticmethod
-    def _segmentsToLabelArray(segmentationNode, segmentsAndValues, referenceVolumeNode):
-        """Label array ``[k, j, i]`` on the reference grid; later segments overwrite earlier ones where they overlap."""
-        dims = referenceVolumeNode.GetImageData().GetDimensions()
-        reference = slicer.vtkOrientedImageData()
-        ijkToRas = vtk.vtkMatrix4x4()
-        referenceVolumeNode.GetIJKToRASMatrix(ijkToRas)
-        reference.SetImageToWorldMatrix(ijkToRas)
-        reference.SetExtent(0, dims[0] - 1, 0, dims[1] - 1, 0, dims[2] - 1)
-        labels = np.zeros((dims[2], dims[1], dims[0]), np.int32)
-        segmentation = segmentationNode.GetSegmentation()
-        for segmentId, value in segmentsAndValues:
-            layer = slicer.vtkOrientedImageData()
-            slicer.vtkSlicerSegmentationsModuleLogic.GetSegmentBinaryLabelmapRepresentation(
-                segmentationNode, segmentId, layer)
-            if layer.GetPointData().GetScalars() is None or layer.IsEmpty():
-                continue
-            resampled = slicer.vtkOrientedImageData()
-            slicer.vtkOrientedImageDataResample.ResampleOrientedImageToReferenceOrientedImage(
-                layer, reference, resampled, False, False)
-            extent = resampled.GetExtent()
-            if extent[1] < extent[0] or resampled.GetPointData().GetScalars() is None:
-                continue
-            sub = vtk_np.vtk_to_numpy(resampled.GetPointData().GetScalars()).reshape(
-                extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
-            # Shared labelmap layers hold several segments, each under its own label value.
-            mask = sub == segmentation.GetSegment(segmentId).GetLabelValue()
-            target = labels[extent[4]:extent[5] + 1, extent[2]:extent[3] + 1, extent[0]:extent[1] + 1]
-            target[mask] = value
-        return labels
-
-    # -- MRML <-> SimpleITK -------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def volumeNodeGeometryLPS(volumeNode):
-        """(origin, spacing, direction 3x3) of a volume node in ITK's LPS convention."""
-        directions = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASDirectionMatrix(directions)
-        directionRAS = np.array([[directions.GetElement(r, c) for c in range(3)] for r in range(3)])
-        originLPS = LPS_TO_RAS @ np.array(volumeNode.GetOrigin(), float)
-        return originLPS, np.array(volumeNode.GetSpacing(), float), LPS_TO_RAS @ directionRAS
-
-    @staticmethod
-    def setVolumeNodeGeometryLPS(volumeNode, origin, spacing, direction):
-        directionRAS = LPS_TO_RAS @ np.asarray(direction, float).reshape(3, 3)
-        matrix = vtk.vtkMatrix4x4()
-        for r in range(3):
-            for c in range(3):
-                matrix.SetElement(r, c, directionRAS[r, c])
-        volumeNode.SetIJKToRASDirectionMatrix(matrix)
-        volumeNode.SetOrigin(*(LPS_TO_RAS @ np.asarray(origin, float)))
-        volumeNode.SetSpacing(*[float(s) for s in spacing])
-
-    @staticmethod
-    def volumeNodeToSitk(volumeNode, checkFinite=True, withVoxels=True):
-        """A scalar or labelmap volume node as a SimpleITK image (LPS geometry). InputError for unusable volumes.
-
-        The parent transform of the node, if any, is not applied (as when saving the volume to a file).
-        """
-        import SimpleITK as sitk
-
-        from textscf.errors import InputError
-
-        if volumeNode is None:
-            raise InputError("no volume given")
-        name = volumeNode.GetName()
-        imageData = volumeNode.GetImageData()
-        if imageData is None or imageData.GetPointData().GetScalars() is None:
-            raise InputError(f"volume '{name}' has no voxels: load or compute it first")
-        dims = imageData.GetDimensions()
-        if min(dims) < 1 or imageData.GetNumberOfPoints() == 0:
-            raise InputError(f"volume '{name}' is empty (dimensions {dims})")
-        if imageData.GetNumberOfScalarComponents() != 1:
-            raise InputError(f"volume '{name}' has {imageData.GetNumberOfScalarComponents()} components per voxel; "
-                             "convert it to a scalar volume (e.g. Vector to Scalar Volume module)")
-        if withVoxels:
-            array = np.array(_arrayFromVolume(volumeNode), copy=True)
-            if checkFinite and np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).any():
-                raise InputError(f"volume '{name}' contains no finite value (all NaN or infinite)")
-            if array.dtype == np.int64:
-                array = array.astype(np.int32)
-            image = sitk.GetImageFromArray(array)
-        else:
-            image = sitk.Image([int(d) for d in dims], sitk.sitkUInt8)
-        origin, spacing, direction = TextSCFRegistrationLogic.volumeNodeGeometryLPS(volumeNode)
-        image.SetOrigin([float(v) for v in origin])
-        image.SetSpacing([float(v) for v in spacing])
-        image.SetDirection([float(v) for v in direction.ravel()])
-        return image
-
-    @staticmethod
-    def updateVolumeNodeFromSitk(volumeNode, image):
-        """Fill a scalar or labelmap volume node with a scalar SimpleITK image (voxels and geometry)."""
-        import SimpleITK as sitk
-
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise ValueError("only scalar images can fill a scalar volume node")
-        array = sitk.GetArrayFromImage(image)
-        if array.dtype == np.int64:
-            array = array.astype(np.int32)
-        elif array.dtype == np.uint64:
-            array = array.astype(np.uint32)
-        _updateVolumeFromArray(volumeNode, array)
-        TextSCFRegistrationLogic.setVolumeNodeGeometryLPS(
-            volumeNode, image.GetOrigin(), image.GetSpacing(), np.array(image.GetDirection()).reshape(3, 3))
-
-    @staticmethod
-    def gridPointsRAS(volumeNode):
-        """RAS coordinates of every voxel centre, shape ``(K, J, I, 3)``."""
-        dims = volumeNode.GetImageData().GetDimensions()
-        ijkToRas = vtk.vtkMatrix4x4()
-        volumeNode.GetIJKToRASMatrix(ijkToRas)
-        matrix = _arrayFromVTKMatrix(ijkToRas)
-        k, j, i = np.meshgrid(np.arange(dims[2]), np.arange(dims[1]), np.arange(dims[0]), indexing="ij")
-        ijk = np.stack([i, j, k], axis=-1).astype(float)
-        return ijk @ matrix[:3, :3].T + matrix[:3, 3]
-
-    @staticmethod
-    def transformNodeToSitk(transformNode, referenceVolumeNode):
-        """A transform node as the engine's initial transform (resampling convention, LPS).
-
-        The node is read as Slicer users set it: placing the moving volume under it aligns it to the fixed volume.
-        Its *from world* transform therefore maps fixed points to moving points. Linear transforms become an
-        ``AffineTransform``; others are sampled on the reference (fixed) grid into a displacement field.
-        """
-        import SimpleITK as sitk
-
-        if transformNode.IsTransformToWorldLinear():
-            matrix = vtk.vtkMatrix4x4()
-            transformNode.GetMatrixTransformFromWorld(matrix)
-            lps = LPS_TO_RAS_4 @ _arrayFromVTKMatrix(matrix) @ LPS_TO_RAS_4
-            affine = sitk.AffineTransform(3)
-            affine.SetMatrix([float(v) for v in lps[:3, :3].ravel()])
-            affine.SetTranslation([float(v) for v in lps[:3, 3]])
-            return affine
-        fromWorld = vtk.vtkGeneralTransform()
-        transformNode.GetTransformFromWorld(fromWorld)
-        pointsRAS = TextSCFRegistrationLogic.gridPointsRAS(referenceVolumeNode)
-        shape = pointsRAS.shape
-        source = vtk.vtkPoints()
-        source.SetData(vtk_np.numpy_to_vtk(pointsRAS.reshape(-1, 3), deep=True, array_type=vtk.VTK_DOUBLE))
-        target = vtk.vtkPoints()
-        target.SetDataTypeToDouble()
-        fromWorld.TransformPoints(source, target)
-        mappedRAS = vtk_np.vtk_to_numpy(target.GetData()).reshape(shape)
-        displacementLPS = (mappedRAS - pointsRAS) @ LPS_TO_RAS.T
-        field = sitk.GetImageFromArray(displacementLPS.astype(np.float64), isVector=True)
-        reference = TextSCFRegistrationLogic.volumeNodeToSitk(referenceVolumeNode, checkFinite=False,
-                                                              withVoxels=False)
-        field.CopyInformation(reference)
-        return sitk.DisplacementFieldTransform(field)
-
-    @staticmethod
-    def setGridTransformFromDisplacement(transformNode, displacement):
-        """Store an LPS displacement field (SimpleITK vector image, resampling convention) in a transform node.
-
-        The node gets a ``vtkOrientedGridTransform`` as *TransformFromParent* whose grid has the field's geometry in
-        RAS and whose vectors are the displacements in RAS millimetres.
-        """
-        import SimpleITK as sitk
-
-        if displacement.GetNumberOfComponentsPerPixel() != 3 or displacement.GetDimension() != 3:
-            raise ValueError("the displacement must be a 3D image of 3-vectors")
-        vectorsLPS = sitk.GetArrayFromImage(displacement).astype(np.float64)  # [k, j, i, 3]
-        vectorsRAS = vectorsLPS * np.array([-1.0, -1.0, 1.0])
-        grid = vtk.vtkImageData()
-        grid.SetDimensions(*[int(s) for s in displacement.GetSize()])
-        grid.SetSpacing(*displacement.GetSpacing())
-        grid.SetOrigin(*(LPS_TO_RAS @ np.array(displacement.GetOrigin())))
-        vectors = vtk_np.numpy_to_vtk(np.ascontiguousarray(vectorsRAS.reshape(-1, 3)), deep=True,
-                                      array_type=vtk.VTK_DOUBLE)
-        vectors.SetNumberOfComponents(3)
-        vectors.SetName("DisplacementRAS")
-        grid.GetPointData().SetScalars(vectors)
-        directionRAS = LPS_TO_RAS @ np.array(displacement.GetDirection()).reshape(3, 3)
-        directionMatrix = vtk.vtkMatrix4x4()
-        for r in range(3):
-            for c in range(3):
-                directionMatrix.SetElement(r, c, directionRAS[r, c])
-        gridTransform = slicer.vtkOrientedGridTransform()
-        gridTransform.SetDisplacementGridData(grid)
-        gridTransform.SetGridDirectionMatrix(directionMatrix)
-        gridTransform.SetInterpolationModeToLinear()
-        transformNode.SetAndObserveTransformFromParent(gridTransform)
-
-    @staticmethod
-    def sitkToSegmentationNode(labelImage, segmentationNode, regionNames, labelValues, referenceVolumeNode=None):
-        """Fill a segmentation node with one segment per region present in a label map (names = region names)."""
-        import SimpleITK as sitk
-
-        array = sitk.GetArrayFromImage(labelImage)
-        origin = LPS_TO_RAS @ np.array(labelImage.GetOrigin())
-        directionRAS = LPS_TO_RAS @ np.array(labelImage.GetDirection()).reshape(3, 3)
-        ijkToRas = vtk.vtkMatrix4x4()
-        scaled = directionRAS @ np.diag(labelImage.GetSpacing())
-        for r in range(3):
-            for c in range(3):
-                ijkToRas.SetElement(r, c, scaled[r, c])
-            ijkToRas.SetElement(r, 3, origin[r])
-        segmentationNode.GetSegmentation().RemoveAllSegments()
-        if referenceVolumeNode is not None:
-            segmentationNode.SetReferenceImageGeometryParameterFromVolumeNode(referenceVolumeNode)
-        for index, (name, value) in enumerate(zip(regionNames, labelValues)):
-            mask = (array == value).astype(np.uint8)
-            if not mask.any():
-                continue
-            layer = slicer.vtkOrientedImageData()
-            layer.SetDimensions(*[int(s) for s in labelImage.GetSize()])
-            layer.AllocateScalars(vtk.VTK_UNSIGNED_CHAR, 1)
-            vtk_np.vtk_to_numpy(layer.GetPointData().GetScalars())[:] = mask.ravel()
-            layer.SetImageToWorldMatrix(ijkToRas)
-            segmentationNode.AddSegmentFromBinaryLabelmapRepresentation(
-                layer, name, list(SEGMENT_COLORS[index % len(SEGMENT_COLORS)]))
-        return segmentationNode
+    regionsOfNode = staticmethod(conversions.regionsOfNode)
+    colorNamesOfLabelmap = staticmethod(conversions.colorNamesOfLabelmap)
+    volumeNodeGeometryLPS = staticmethod(conversions.volumeNodeGeometryLPS)
+    volumeNodeToSitk = staticmethod(conversions.volumeNodeToSitk)
+    updateVolumeNodeFromSitk = staticmethod(conversions.fillVolumeNode)
+    transformNodeToSitk = staticmethod(conversions.transformNodeToSitk)
+    setGridTransformFromDisplacement = staticmethod(conversions.setGridTransformFromDisplacement)
+    sitkToSegmentationNode = staticmethod(conversions.fillSegmentationNode)
 
     # -- example pair -------------------------------------------------------------------------------------------------
 
@@ -1589,7 +1227,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             pair = make_example_pair()
         labels = [pair[k] for k in ("fixed_labels", "moving_labels") if pair.get(k) is not None]
         regionNames, labelValues = _exampleRegions(pair, labels)
-        nodeIdsBefore = _nodeIds(scene)
+        nodeIdsBefore = nodeIds(scene)
         try:
             nodes = {"regionNames": regionNames, "labelValues": labelValues}
             for key, nodeKey, name in (("fixed", "fixedVolumeNode", "TextSCF example fixed"),
@@ -1611,7 +1249,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                 nodes[nodeKey] = node
             return nodes
         except BaseException:
-            _removeNewNodes(scene, nodeIdsBefore)
+            removeNewNodes(scene, nodeIdsBefore)
             raise
 
     def selectExamplePairInParameterNode(self, nodes):
@@ -1633,10 +1271,10 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """Name of the bundled preset with exactly these regions and label values (names compared loosely), or None."""
         from textscf.presets import list_presets, load_preset
 
-        wanted = sorted((_normalizedName(n), int(v)) for n, v in zip(regionNames, labelValues))
+        wanted = sorted((conversions.normalizedName(n), int(v)) for n, v in zip(regionNames, labelValues))
         for name in list_presets():
             preset = load_preset(name)
-            if sorted((_normalizedName(n), int(v)) for n, v in zip(preset.region_names, preset.label_values)) == wanted:
+            if sorted((conversions.normalizedName(n), int(v)) for n, v in zip(preset.region_names, preset.label_values)) == wanted:
                 return name
         return None
 
@@ -1810,10 +1448,13 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                 showDisplacementMagnitude=False, progressCallback=None, cancelCallback=None, showResult=True):
         """Register ``movingVolumeNode`` to ``fixedVolumeNode`` with the engine and put the results in the scene.
 
+        The engine runs in a process of its own (``python -m textscf.worker``, see ``TextSCFRegistrationLib.
+        engineprocess``): a crash or an out-of-memory there is reported as an error and never touches Slicer.
+
         :param options: ``textscf.pipeline.RegistrationOptions``, a dict of its fields, or None (defaults).
         :param fixedSegmentationNode: segmentation or labelmap giving the fixed regions. Without it, and with
-            ``segmentor_weights`` in the options, both volumes are segmented automatically (SwinUNETR, see
-            ``segmentVolumes``): the segmentations appear in the scene as segmentation nodes (returned as
+            ``segmentor_weights`` in the options, both volumes are segmented automatically (SwinUNETR, settings in
+            ``segmentorSettings``): the segmentations appear in the scene as segmentation nodes (returned as
             ``fixedSegmentationNode`` and ``movingSegmentationNode``) to inspect, correct and give back.
         :param movingSegmentationNode: segmentation or labelmap of the moving volume, for Dice/HD95.
         :param initialTransformNode: transform that aligns the moving volume to the fixed one (optional).
@@ -1824,54 +1465,75 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         :param progressCallback: ``f(stage: str, fraction: float, secondsLeft: float or None)``, the engine's numbers
             (the command line's bar shows the same): the fraction of the whole run moves with every refinement step,
             ``secondsLeft`` is an estimate. A callback taking ``(stage, fraction)`` gets the stage starts.
-        :param cancelCallback: ``f() -> bool``, polled between stages and before every refinement step; True cancels
-            (CancelledError).
+        :param cancelCallback: ``f() -> bool``, polled every 50 ms while the engine runs and between the output
+            nodes; True stops the engine process (terminate, then kill after a second) and raises CancelledError.
         :return: dict of the created or filled nodes: ``outputTransformNode``, ``outputVolumeNode``,
             ``jacobianVolumeNode``, ``statsTableNode``, ``displacementMagnitudeVolumeNode``, ``jacobianColorNode``.
 
         On failure or cancel the scene is left as it was: created nodes are removed, existing output nodes restored.
         """
-        import dataclasses
+        from textscf.errors import CancelledError
 
-        from textscf.errors import CancelledError, InputError
-        from textscf.pipeline import takes_seconds_left
+        self.cancelRequested, self.notes = False, []
+        report = _progressReporter(progressCallback)
+        isCancelled = lambda: bool(self.cancelRequested or (cancelCallback is not None and cancelCallback()))  # noqa
+        scene = self._checkInputNodes(fixedVolumeNode, movingVolumeNode)
+        report(_("Reading inputs"), 0.0)
+        inputs = self._engineInputs(self._resolveOptions(options), fixedVolumeNode, movingVolumeNode,
+                                    fixedSegmentationNode, movingSegmentationNode, initialTransformNode)
+        if isCancelled():
+            raise CancelledError("registration cancelled before it started")
+        with engineprocess.EngineJob(keepFolder=self.keepJobFolder) as job:
+            self.job = job
+            result = self._runEngine(job, inputs, fixedVolumeNode, movingVolumeNode, report, isCancelled)
+            self._checkInputNodes(fixedVolumeNode, movingVolumeNode, scene)
+            with SceneChanges(scene):  # the automatic segmentations too go if the outputs fail
+                nodes = self._segmentationNodes(result, inputs, fixedVolumeNode, movingVolumeNode)
+                nodes.update(self.createOutputNodes(
+                    result, fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
+                    outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode,
+                    statsTableNode=statsTableNode,
+                    movingSegmentationNode=nodes.get("movingSegmentationNode", movingSegmentationNode),
+                    showDisplacementMagnitude=showDisplacementMagnitude,
+                    progressCallback=lambda stage, fraction: report(stage, 0.85 + 0.15 * fraction),
+                    cancelCallback=isCancelled))
+        self.lastNodes = nodes
+        if showResult:
+            self.showResults(nodes, fixedVolumeNode)
+        report(_("Done"), 1.0)
+        return nodes
 
-        self.cancelRequested = False
-        self.notes = []
-        startTime = time.time()
-        withSteps = progressCallback is not None and takes_seconds_left(progressCallback)
-
-        def report(stage, fraction, secondsLeft=None):
-            logging.debug("TextSCF: %s (%.0f%%)", stage, 100 * fraction)
-            if progressCallback is None:
-                return
-            fraction = float(min(1.0, max(0.0, fraction)))
-            if withSteps:
-                progressCallback(stage, fraction, secondsLeft)
-            else:
-                progressCallback(stage, fraction)
-
-        def isCancelled():
-            return bool(self.cancelRequested or (cancelCallback is not None and cancelCallback()))
+    @staticmethod
+    def _checkInputNodes(fixedVolumeNode, movingVolumeNode, scene=None):
+        """The scene of the two volumes; InputError when they cannot be registered (or left ``scene``)."""
+        from textscf.errors import InputError
 
         if fixedVolumeNode is None or movingVolumeNode is None:
             raise InputError("select both a fixed and a moving volume")
         if fixedVolumeNode is movingVolumeNode:
             raise InputError("the fixed and moving volumes must be different nodes")
+        if scene is not None:
+            for node in (fixedVolumeNode, movingVolumeNode):
+                if node.GetScene() is not scene:
+                    raise InputError(f"volume '{node.GetName()}' was removed from the scene during the registration")
+            return scene
         scene = fixedVolumeNode.GetScene()
         if scene is None or movingVolumeNode.GetScene() is not scene:
             raise InputError("the fixed and moving volumes must be in the same scene")
         for node, role in ((fixedVolumeNode, "fixed"), (movingVolumeNode, "moving")):
+            conversions.checkVolumeNode(node)
             parent = node.GetParentTransformNode()
             if parent is not None and parent.GetAttribute("TextSCF.Output") != "transform":
                 logging.warning("TextSCF: the %s volume '%s' is under a transform; registration uses its voxels "
                                 "without that transform (give it as the initial transform to use it)",
                                 role, node.GetName())
+        return scene
 
-        report(_("Reading inputs"), 0.0)
-        fixed = self.volumeNodeToSitk(fixedVolumeNode)
-        moving = self.volumeNodeToSitk(movingVolumeNode)
-        options = self._resolveOptions(options)
+    def _engineInputs(self, options, fixedVolumeNode, movingVolumeNode, fixedSegmentationNode,
+                      movingSegmentationNode, initialTransformNode):
+        """What the engine process gets besides the two volumes: options, label maps, initial transform and the
+        automatic segmentation settings. The regions are the options' (preset or list), else the segments'."""
+        import dataclasses
 
         names, values = options.region_names, options.label_values
         if names is None and options.preset:
@@ -1879,81 +1541,55 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 
             preset = load_preset(options.preset)
             names, values = list(preset.region_names), list(preset.label_values)
-        fixedLabels = movingLabels = None
+        inputs = _EngineInputs()
         if fixedSegmentationNode is not None:
-            fixedLabels, names, values = self.labelImageFromNode(fixedSegmentationNode, fixedVolumeNode, names, values)
+            inputs.fixedLabels, names, values = self.labelImageFromNode(fixedSegmentationNode, fixedVolumeNode,
+                                                                        names, values)
         if movingSegmentationNode is not None:
-            movingLabels, names, values = self.labelImageFromNode(movingSegmentationNode, movingVolumeNode, names,
-                                                                  values)
-        autoSegment = fixedSegmentationNode is None and bool(options.segmentor_weights)
-        if autoSegment and names is None:
-            from textscf.segmentation import btcv_bundle_region_names
+            inputs.movingLabels, names, values = self.labelImageFromNode(movingSegmentationNode, movingVolumeNode,
+                                                                         names, values)
+        if fixedSegmentationNode is None and options.segmentor_weights:
+            if names is None:
+                from textscf.segmentation import btcv_bundle_region_names
 
-            names = btcv_bundle_region_names()
-            values = list(range(1, len(names) + 1))
+                names = btcv_bundle_region_names()
+                values = list(range(1, len(names) + 1))
+            inputs.segment = {"images": ["fixed"] + ([] if movingSegmentationNode is not None else ["moving"]),
+                              "weights": str(options.segmentor_weights),
+                              "feature_size": int(options.segmentor_feature_size),
+                              "settings": dict(self.segmentorSettings), "region_names": list(names),
+                              "label_values": [int(v) for v in values]}
         if options.region_names is None and options.preset is None and names is not None:
             options = dataclasses.replace(options, region_names=list(names), label_values=list(values))
-        initialTransform = None
+        inputs.options = dataclasses.asdict(options)
         if initialTransformNode is not None:
-            initialTransform = self.transformNodeToSitk(initialTransformNode, fixedVolumeNode)
+            inputs.initialTransform = self.transformNodeToSitk(initialTransformNode, fixedVolumeNode)
+        return inputs
 
-        if isCancelled():
-            raise CancelledError("registration cancelled before it started")
-        nodeIdsBefore = _nodeIds(scene)
-        try:
-            nodes = {}
-            if autoSegment:
-                images = [fixed] if movingSegmentationNode is not None else [fixed, moving]
-                labelImages = self._run(lambda: self.segmentVolumes(
-                    images, names, values, options.segmentor_weights, options.segmentor_feature_size,
-                    options.device, progressCallback=lambda stage, fraction: report(stage, 0.01 + 0.04 * fraction),
-                    cancelCallback=isCancelled))
-                fixedLabels = labelImages[0]
-                nodes["fixedSegmentationNode"] = self._segmentationNodeFor(fixedLabels, fixedVolumeNode, names,
-                                                                           values)
-                if movingSegmentationNode is None:
-                    movingLabels = labelImages[1]
-                    movingSegmentationNode = self._segmentationNodeFor(movingLabels, movingVolumeNode, names,
-                                                                       values)
-                    nodes["movingSegmentationNode"] = movingSegmentationNode
-            report(_("Loading the engine"), 0.05)
-            from textscf.pipeline import register
-
-            def runPipeline():
-                return register(fixed, moving, options, fixed_labels=fixedLabels, moving_labels=movingLabels,
-                                initial_transform=initialTransform,
-                                progress=lambda stage, fraction, secondsLeft: report(
-                                    stage, 0.05 + 0.85 * fraction, secondsLeft),
-                                cancel=isCancelled, log=self._log)
-
-            result = self._run(runPipeline)
-        except BaseException:
-            _removeNewNodes(scene, nodeIdsBefore)  # the automatic segmentations, if any
-            raise
-        if "seconds_total" not in result.stats:
-            result.stats["seconds_total"] = time.time() - startTime
+    def _runEngine(self, job, inputs, fixedVolumeNode, movingVolumeNode, report, isCancelled):
+        """Write the job and run the engine process; returns its ``EngineResult`` with the notes in its stats."""
+        job.addVolume("fixed", fixedVolumeNode)
+        job.addVolume("moving", movingVolumeNode)
+        job.addLabelImage("fixed_labels", inputs.fixedLabels)
+        job.addLabelImage("moving_labels", inputs.movingLabels)
+        job.addTransform(inputs.initialTransform)
+        result = job.run(inputs.options, inputs.segment,
+                         progress=lambda stage, fraction, secondsLeft: report(stage, 0.02 + 0.83 * fraction,
+                                                                              secondsLeft),
+                         cancel=isCancelled, poll=self.pollCallback, log=self._log)
         if self.notes:
             result.stats.setdefault("notes", []).extend(self.notes)
         self.lastResult = result
+        return result
 
-        try:
-            for node in (fixedVolumeNode, movingVolumeNode):
-                if node.GetScene() is not scene:
-                    raise InputError(f"volume '{node.GetName()}' was removed from the scene during the registration")
-            nodes.update(self.createOutputNodes(
-                result, fixedVolumeNode, movingVolumeNode, outputTransformNode=outputTransformNode,
-                outputVolumeNode=outputVolumeNode, jacobianVolumeNode=jacobianVolumeNode,
-                statsTableNode=statsTableNode, movingSegmentationNode=movingSegmentationNode,
-                showDisplacementMagnitude=showDisplacementMagnitude,
-                progressCallback=lambda stage, fraction: report(stage, 0.9 + 0.1 * fraction),
-                cancelCallback=isCancelled))
-        except BaseException:
-            _removeNewNodes(scene, nodeIdsBefore)
-            raise
-        self.lastNodes = nodes
-        if showResult:
-            self.showResults(nodes, fixedVolumeNode)
-        report(_("Done"), 1.0)
+    def _segmentationNodes(self, result, inputs, fixedVolumeNode, movingVolumeNode):
+        """New segmentation nodes for the automatic segmentations the engine made (none without)."""
+        nodes = {}
+        for role, volumeNode in (("fixed", fixedVolumeNode), ("moving", movingVolumeNode)):
+            if role in result.segmentations:
+                nodes[f"{role}SegmentationNode"] = self._segmentationNodeFor(
+                    result.segmentations[role], volumeNode, inputs.segment["region_names"],
+                    inputs.segment["label_values"])
         return nodes
 
     def _log(self, line):
@@ -1961,50 +1597,9 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         logging.info("TextSCF: %s", line)
         self.notes.append(line)
 
-    def _run(self, call):
-        """Run an engine call (touches no MRML node) through ``pipelineRunner`` (the widget's worker thread)."""
-        return self.pipelineRunner(call) if self.pipelineRunner is not None else call()
-
     # Keyword arguments for the SwinUNETR segmentor beyond weights and feature size (roi_size, target_spacing,
     # overlap, ...); empty = MONAI's BTCV settings.
     segmentorSettings = {}
-
-    def segmentVolumes(self, images, regionNames, labelValues, weights, featureSize=48, device="auto",
-                       progressCallback=None, cancelCallback=None):
-        """Segment images (SimpleITK) with SwinUNETR; returns one label map per image, with the regions' values.
-
-        The network's classes are those of MONAI's BTCV bundle (``btcv_bundle_region_names``); each class named as
-        a region (aliases resolved) gets the region's label value, other classes are background, regions the
-        network does not segment stay empty. Touches no MRML node: the widget runs it on its worker thread.
-        """
-        import SimpleITK as sitk
-
-        from textscf.errors import CancelledError
-        from textscf.pipeline import select_device
-        from textscf.presets import same_region
-        from textscf.segmentation import SwinUNETRSegmentor, btcv_bundle_region_names
-
-        classes = btcv_bundle_region_names()
-        lookup = np.zeros(len(classes) + 1, np.int32)
-        for index, className in enumerate(classes, start=1):
-            for name, value in zip(regionNames, labelValues):
-                if same_region(name, className):
-                    lookup[index] = int(value)
-        torchDevice, _note = select_device(device)
-        segmentor = SwinUNETRSegmentor(weights, classes, feature_size=int(featureSize), device=str(torchDevice),
-                                       **dict(self.segmentorSettings))
-        labelImages = []
-        for number, image in enumerate(images):
-            if cancelCallback is not None and cancelCallback():
-                raise CancelledError("registration cancelled during the automatic segmentation")
-            if progressCallback is not None:
-                progressCallback(_("Segmenting the fixed image") if number == 0 else _("Segmenting the moving image"),
-                                 number / len(images))
-            segmentation = segmentor.predict(image)
-            labels = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(segmentation.labels)])
-            labels.CopyInformation(image)
-            labelImages.append(labels)
-        return labelImages
 
     def _segmentationNodeFor(self, labelImage, volumeNode, regionNames, labelValues):
         """A new segmentation node in the scene holding an automatic segmentation of ``volumeNode``."""
@@ -2012,7 +1607,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         node = scene.AddNewNodeByClass("vtkMRMLSegmentationNode",
                                        scene.GenerateUniqueName(f"{volumeNode.GetName()} TextSCF segmentation"))
         node.CreateDefaultDisplayNodes()
-        self.sitkToSegmentationNode(labelImage, node, regionNames, labelValues, volumeNode)
+        conversions.fillSegmentationNode(labelImage, node, regionNames, labelValues, volumeNode)
         node.SetAttribute("TextSCF.Output", "automatic segmentation")
         return node
 
@@ -2020,19 +1615,13 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                           outputVolumeNode=None, jacobianVolumeNode=None, statsTableNode=None,
                           movingSegmentationNode=None, showDisplacementMagnitude=False, progressCallback=None,
                           cancelCallback=None):
-        """Put a ``RegistrationResult`` into the scene (see ``process``); all or nothing.
+        """Put a registration result (``RegistrationResult`` or the engine process's ``EngineResult``) into the
+        scene (see ``process``); all or nothing.
 
         ``cancelCallback`` is polled between the nodes: cancelling or any error removes the nodes created here,
         restores the content of the given output nodes and the parent transforms that were changed.
         """
         from textscf.errors import CancelledError
-
-        scene = fixedVolumeNode.GetScene()
-        nodeIdsBefore = _nodeIds(scene)
-        backups = []           # (node, copy of its content before we changed it)
-        parentChanges = []     # (node, previous parent transform ID)
-        referenceChanges = []  # (node, role, previous referenced node ID)
-        attributeChanges = []  # (node, previous value of the TextSCF.Output attribute)
 
         def step(stage, fraction):
             if cancelCallback is not None and cancelCallback():
@@ -2040,234 +1629,40 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
             if progressCallback is not None:
                 progressCallback(stage, fraction)
 
-        def prepare(node, className, name):
-            if node is None:
-                return scene.AddNewNodeByClass(className, scene.GenerateUniqueName(name))
-            backup = getattr(slicer, node.GetClassName())()
-            backup.CopyContent(node)
-            backups.append((node, backup))
-            displayNode = node.GetDisplayNode() if hasattr(node, "GetDisplayNode") else None
-            if displayNode is not None:
-                displayBackup = getattr(slicer, displayNode.GetClassName())()
-                displayBackup.CopyContent(displayNode)
-                backups.append((displayNode, displayBackup))
-            return node
-
-        def setReference(node, role, nodeId):
-            referenceChanges.append((node, role, node.GetNodeReferenceID(role)))
-            node.SetNodeReferenceID(role, nodeId)
-
-        def markOutput(node, kind):
-            attributeChanges.append((node, node.GetAttribute("TextSCF.Output")))
-            node.SetAttribute("TextSCF.Output", kind)
-
-        def setParent(node, transformId):
-            if node.GetTransformNodeID() != transformId:
-                parentChanges.append((node, node.GetTransformNodeID()))
-                node.SetAndObserveTransformNodeID(transformId)
-
-        fixedParentId = fixedVolumeNode.GetTransformNodeID()
-        baseName = f"{movingVolumeNode.GetName()} to {fixedVolumeNode.GetName()}"
-        nodes = {}
-        try:
+        with SceneChanges(fixedVolumeNode.GetScene()) as changes:
+            outputs = OutputNodes(changes, fixedVolumeNode, movingVolumeNode)
             step(_("Creating the output transform"), 0.0)
-            transformNode = prepare(outputTransformNode, "vtkMRMLGridTransformNode", f"{baseName} (TextSCF)")
-            self.setGridTransformFromDisplacement(transformNode, result.displacement)
-            setReference(transformNode, self.FIXED_VOLUME_REFERENCE_ROLE, fixedVolumeNode.GetID())
-            setReference(transformNode, self.MOVING_VOLUME_REFERENCE_ROLE, movingVolumeNode.GetID())
-            markOutput(transformNode, "transform")
-            # The transform maps fixed-volume coordinates; under the fixed volume's own parent it stays consistent.
-            setParent(transformNode, fixedParentId)
-            nodes["outputTransformNode"] = transformNode
-
+            transformNode = outputs.transform(result.displacement, outputTransformNode)
             step(_("Creating the warped volume"), 0.2)
-            nodes["outputVolumeNode"] = None
+            warpedNode = None
             if outputVolumeNode is not None:
-                warpedNode = prepare(outputVolumeNode, "vtkMRMLScalarVolumeNode", f"{baseName} warped")
-                self._fillOnFixedGrid(warpedNode, result.warped, fixedVolumeNode)
-                markOutput(warpedNode, "warped")
-                setParent(warpedNode, fixedParentId)
-                if warpedNode.GetDisplayNode() is None:
-                    warpedNode.CreateDefaultDisplayNodes()
-                nodes["outputVolumeNode"] = warpedNode
-
+                warpedNode = outputs.volume(result.warped, outputVolumeNode, "warped", "warped")
             step(_("Creating the Jacobian map"), 0.4)
-            jacobianNode = prepare(jacobianVolumeNode, "vtkMRMLScalarVolumeNode", f"{baseName} Jacobian")
-            self._fillOnFixedGrid(jacobianNode, result.jacobian, fixedVolumeNode)
-            markOutput(jacobianNode, "jacobian")
-            setParent(jacobianNode, fixedParentId)
-            colorNode = self.jacobianColorNode(scene)
-            self.setupJacobianDisplay(jacobianNode, colorNode)
-            nodes["jacobianVolumeNode"] = jacobianNode
-            nodes["jacobianColorNode"] = colorNode
-
+            jacobianNode, colorNode = outputs.jacobian(result.jacobian, jacobianVolumeNode)
             step(_("Creating the displacement magnitude"), 0.6)
-            nodes["displacementMagnitudeVolumeNode"] = None
-            if showDisplacementMagnitude:
-                import SimpleITK as sitk
-
-                magnitudeNode = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode",
-                                                        scene.GenerateUniqueName(f"{baseName} displacement (mm)"))
-                vectors = sitk.GetArrayFromImage(result.displacement)
-                magnitude = sitk.GetImageFromArray(np.linalg.norm(vectors, axis=-1).astype(np.float32))
-                magnitude.CopyInformation(result.displacement)
-                self._fillOnFixedGrid(magnitudeNode, magnitude, fixedVolumeNode)
-                markOutput(magnitudeNode, "displacement magnitude")
-                setParent(magnitudeNode, fixedParentId)
-                magnitudeNode.CreateDefaultDisplayNodes()
-                nodes["displacementMagnitudeVolumeNode"] = magnitudeNode
-
+            magnitudeNode = outputs.displacementMagnitude(transformNode) if showDisplacementMagnitude else None
             step(_("Filling the table"), 0.8)
-            tableNode = prepare(statsTableNode, "vtkMRMLTableNode", f"{baseName} TextSCF statistics")
-            self.fillStatsTable(tableNode, result.stats, result.region_names)
-            markOutput(tableNode, "statistics")
-            nodes["statsTableNode"] = tableNode
-
+            tableNode = outputs.table(result.stats, result.region_names, statsTableNode)
             step(_("Placing the moving volume under the transform"), 0.9)
             if outputVolumeNode is None:
-                setParent(movingVolumeNode, transformNode.GetID())
-                if movingSegmentationNode is not None:
-                    setParent(movingSegmentationNode, transformNode.GetID())
+                outputs.placeUnderTransform((movingVolumeNode, movingSegmentationNode), transformNode)
             step(_("Outputs ready"), 1.0)
-        except BaseException:
-            # Leave the scene as it was: new nodes out, given nodes back to their content, parents restored.
-            for node, previousId in reversed(parentChanges):
-                if node.GetScene() is not None:
-                    node.SetAndObserveTransformNodeID(previousId)
-            for node, role, previousId in reversed(referenceChanges):
-                if node.GetScene() is not None:
-                    node.SetNodeReferenceID(role, previousId)
-            for node, previousValue in reversed(attributeChanges):
-                if node.GetScene() is not None:
-                    if previousValue is None:
-                        node.RemoveAttribute("TextSCF.Output")
-                    else:
-                        node.SetAttribute("TextSCF.Output", previousValue)
-            _removeNewNodes(scene, nodeIdsBefore)
-            for node, backup in reversed(backups):
-                if node.GetScene() is not None:
-                    node.CopyContent(backup)
-            raise
-        self.lastNodes = nodes
-        return nodes
+        self.lastNodes = {"outputTransformNode": transformNode, "outputVolumeNode": warpedNode,
+                          "jacobianVolumeNode": jacobianNode, "jacobianColorNode": colorNode,
+                          "displacementMagnitudeVolumeNode": magnitudeNode, "statsTableNode": tableNode}
+        return dict(self.lastNodes)
 
-    def _fillOnFixedGrid(self, volumeNode, image, fixedVolumeNode):
-        """Fill a volume with an image on the fixed grid, taking the geometry exactly from the fixed volume."""
-        self.updateVolumeNodeFromSitk(volumeNode, image)
-        fixedDims = fixedVolumeNode.GetImageData().GetDimensions()
-        if tuple(int(s) for s in image.GetSize()) == tuple(fixedDims):
-            fixedOrigin, _spacing, _direction = self.volumeNodeGeometryLPS(fixedVolumeNode)
-            if np.allclose(fixedOrigin, image.GetOrigin(), atol=1e-3 * max(image.GetSpacing())):
-                volumeNode.CopyOrientation(fixedVolumeNode)
+    # -- presentation (TextSCFRegistrationLib.presentation) -----------------------------------------------------------
 
-    # -- presentation -------------------------------------------------------------------------------------------------
-
-    @staticmethod
-    def jacobianColors():
-        """RGB of the 256 entries of the Jacobian table and the Jacobian value at the centre of each entry."""
-        colors, centres = [], []
-        for index in range(JACOBIAN_TABLE_SIZE):
-            centre = JACOBIAN_DISPLAY_MIN + (index + 0.5) * JACOBIAN_BIN
-            centres.append(centre)
-            if index == 0:
-                colors.append(JACOBIAN_FOLDING_COLOR)
-            elif centre < 1.0:
-                t = 1.0 - max(0.0, centre)  # 0 at |J| = 1, 1 at |J| = 0
-                colors.append(tuple(1.0 + t * (c - 1.0) for c in JACOBIAN_LOW_COLOR))
-            else:
-                t = min(1.0, centre - 1.0)  # 0 at |J| = 1, 1 at |J| = 2
-                colors.append(tuple(1.0 + t * (c - 1.0) for c in JACOBIAN_HIGH_COLOR))
-        return colors, centres
+    jacobianColors = staticmethod(presentation.jacobianColors)
+    setupJacobianDisplay = staticmethod(presentation.setupJacobianDisplay)
+    statsRows = staticmethod(presentation.statsRows)
 
     def jacobianColorNode(self, scene=None):
-        """The diverging Jacobian colour table (blue < 1 < red, white at 1, green for |J| <= 0); made once per scene."""
-        scene = scene or self.scene
-        for index in range(scene.GetNumberOfNodesByClass("vtkMRMLColorTableNode")):
-            node = scene.GetNthNodeByClass(index, "vtkMRMLColorTableNode")
-            if node.GetAttribute("TextSCF.ColorTable") == "Jacobian":
-                return node
-        node = scene.AddNewNodeByClass("vtkMRMLColorTableNode", JACOBIAN_COLOR_NODE_NAME)
-        node.SetTypeToUser()
-        node.SetNumberOfColors(JACOBIAN_TABLE_SIZE)
-        colors, centres = self.jacobianColors()
-        for index, (rgb, centre) in enumerate(zip(colors, centres)):
-            name = "folding |J| <= 0" if index == 0 else f"|J| {centre:.3f}"
-            node.SetColor(index, name, rgb[0], rgb[1], rgb[2], 1.0)
-        node.SetAttribute("TextSCF.ColorTable", "Jacobian")
-        node.SetAttribute("Category", "TextSCF")
-        node.SetDescription("Jacobian determinant: blue < 1 (compression) < white at 1 < red (expansion), "
-                            "bright green where |J| <= 0 (folding)")
-        return node
-
-    @staticmethod
-    def setupJacobianDisplay(jacobianNode, colorNode):
-        """Show the Jacobian with the diverging table, window fixed so that |J| = 1 is white."""
-        displayNode = jacobianNode.GetDisplayNode()
-        if displayNode is None:
-            jacobianNode.CreateDefaultDisplayNodes()
-            displayNode = jacobianNode.GetDisplayNode()
-        displayNode.SetAndObserveColorNodeID(colorNode.GetID())
-        displayNode.AutoWindowLevelOff()
-        displayNode.SetWindowLevelMinMax(JACOBIAN_DISPLAY_MIN, JACOBIAN_DISPLAY_MAX)
-        displayNode.SetInterpolate(False)
-
-    @staticmethod
-    def statsRows(stats, regionNames=()):
-        """Rows (measure, region, value, before, note) of the statistics table."""
-        nan = float("nan")
-
-        def number(value):
-            return nan if value is None else float(value)
-
-        rows = [
-            ("SDlogJ", "", number(stats.get("sdlogj")), nan, "std of log |J| (Learn2Reg)"),
-            ("Folding |J| <= 0 (%)", "", number(stats.get("folding_percent")), nan, "percent of fixed voxels"),
-            ("Jacobian min", "", number(stats.get("jacobian_min")), nan, ""),
-            ("Jacobian max", "", number(stats.get("jacobian_max")), nan, ""),
-            ("Max displacement (mm)", "", number(stats.get("max_displacement_mm")), nan, ""),
-            ("Run time (s)", "", number(stats.get("seconds_total")), nan, ""),
-        ]
-        for stage, seconds in (stats.get("seconds_per_stage") or {}).items():
-            rows.append((f"Run time: {stage} (s)", "", number(seconds), nan, ""))
-        rows.append(("Device", "", nan, nan, str(stats.get("device", ""))))
-        if stats.get("device_note"):
-            rows.append(("Device note", "", nan, nan, str(stats["device_note"])))
-        if stats.get("initial_alignment"):
-            rows.append(("Initial alignment", "", nan, nan, str(stats["initial_alignment"])))
-        for note in stats.get("notes") or ():
-            rows.append(("Note", "", nan, nan, str(note)))
-        ordered = [n for n in regionNames[1:]] if regionNames else []
-        for key, measure in (("dice", "Dice"), ("hd95_mm", "HD95 (mm)")):
-            after = stats.get(key) or {}
-            before = stats.get(f"{key}_before") or {}
-            names = [n for n in ordered if n in after or n in before]
-            names += [n for n in list(after) + list(before) if n not in names]
-            for name in dict.fromkeys(names):
-                rows.append((measure, name, number(after.get(name)), number(before.get(name)), ""))
-            if f"mean_{key}" in stats or f"mean_{key}_before" in stats:
-                rows.append((measure, "mean", number(stats.get(f"mean_{key}")),
-                             number(stats.get(f"mean_{key}_before")), "mean over regions"))
-        return rows
+        return presentation.jacobianColorNode(scene or self.scene)
 
     def fillStatsTable(self, tableNode, stats, regionNames=()):
-        """Columns Measure, Region, Value, Before (Dice/HD95 before registration), Note."""
-        rows = self.statsRows(stats, regionNames)
-        table = vtk.vtkTable()
-        for column, (name, kind) in enumerate(TABLE_COLUMNS):
-            array = vtk.vtkStringArray() if kind == "string" else vtk.vtkDoubleArray()
-            array.SetName(name)
-            for row in rows:
-                if kind == "string":
-                    array.InsertNextValue(row[column])
-                else:
-                    array.InsertNextValue(row[column])
-            table.AddColumn(array)
-        tableNode.SetAndObserveTable(table)
-        if hasattr(tableNode, "SetUseColumnTitleAsColumnHeader"):  # column titles default to the names
-            tableNode.SetUseColumnTitleAsColumnHeader(True)
-        tableNode.SetColumnDescription("Value", "after registration")
-        tableNode.SetColumnDescription("Before", "before registration (Dice and HD95 only)")
-        return tableNode
+        return presentation.fillStatsTable(tableNode, stats, regionNames)
 
     def summary(self):
         """One line on the last run, for the status label."""
@@ -2302,83 +1697,35 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
 #
 
 
-def _normalizedName(name):
-    """A region name compared loosely, other tools' names resolved ("kidney_right" and "Right Kidney" are equal)."""
-    from textscf.presets import canonical_region_name, normalized_name
+@dataclasses.dataclass
+class _EngineInputs:
+    """What the engine process gets besides the two volumes (see ``TextSCFRegistrationLogic._engineInputs``)."""
 
-    return normalized_name(canonical_region_name(name))
-
-
-def _canonicalName(name):
-    """The preset's name of a region named by another tool (TotalSegmentator's "kidney_right" -> "right kidney")."""
-    from textscf.presets import canonical_region_name
-
-    return canonical_region_name(name)
+    options: dict = None
+    fixedLabels: object = None
+    movingLabels: object = None
+    initialTransform: object = None
+    segment: dict = None
 
 
-def _nodeIds(scene):
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+def _progressReporter(progressCallback):
+    """``report(stage, fraction, secondsLeft=None)``: clamps the fraction and calls ``progressCallback`` with the
+    seconds left when it takes them (``textscf.pipeline.takes_seconds_left``)."""
+    from textscf.pipeline import takes_seconds_left
 
+    withSeconds = progressCallback is not None and takes_seconds_left(progressCallback)
 
-def _removeNewNodes(scene, nodeIdsBefore):
-    """Remove the nodes added to the scene since ``nodeIdsBefore`` (newest first).
+    def report(stage, fraction, secondsLeft=None):
+        logging.debug("TextSCF: %s (%.0f%%)", stage, 100 * fraction)
+        if progressCallback is None:
+            return
+        fraction = float(min(1.0, max(0.0, fraction)))
+        if withSeconds:
+            progressCallback(stage, fraction, secondsLeft)
+        else:
+            progressCallback(stage, fraction)
 
-    Removing a node may remove others with it (display nodes), so the list is taken first and each node is removed
-    only if it is still in the scene.
-    """
-    newNodes = [scene.GetNthNode(i) for i in range(scene.GetNumberOfNodes())]
-    newNodes = [node for node in newNodes if node is not None and node.GetID() not in nodeIdsBefore]
-    for node in reversed(newNodes):
-        if node.GetScene() is scene:
-            scene.RemoveNode(node)
-
-
-def _arrayFromVTKMatrix(matrix):
-    return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)])
-
-
-def _arrayFromVolume(volumeNode):
-    """Voxels ``[k, j, i]`` (a view); slicer.util when available, else straight from the vtkImageData."""
-    if hasattr(slicer.util, "arrayFromVolume"):
-        return slicer.util.arrayFromVolume(volumeNode)
-    imageData = volumeNode.GetImageData()
-    dims = imageData.GetDimensions()
-    return vtk_np.vtk_to_numpy(imageData.GetPointData().GetScalars()).reshape(dims[2], dims[1], dims[0])
-
-
-def _updateVolumeFromArray(volumeNode, array):
-    """Deep-copy a ``[k, j, i]`` array into a volume node (slicer.util when available)."""
-    array = np.ascontiguousarray(array)
-    if hasattr(slicer.util, "updateVolumeFromArray"):
-        slicer.util.updateVolumeFromArray(volumeNode, array)
-        return
-    imageData = volumeNode.GetImageData()
-    if imageData is None:
-        imageData = vtk.vtkImageData()
-        volumeNode.SetAndObserveImageData(imageData)
-    imageData.SetDimensions(array.shape[2], array.shape[1], array.shape[0])
-    imageData.AllocateScalars(vtk_np.get_vtk_array_type(array.dtype), 1)
-    vtk_np.vtk_to_numpy(imageData.GetPointData().GetScalars())[:] = array.ravel()
-    volumeNode.StorableModified()
-    volumeNode.Modified()
-
-
-def _imageFromArray(array, referenceVolumeNode):
-    import SimpleITK as sitk
-
-    image = sitk.GetImageFromArray(array)
-    origin, spacing, direction = TextSCFRegistrationLogic.volumeNodeGeometryLPS(referenceVolumeNode)
-    image.SetOrigin([float(v) for v in origin])
-    image.SetSpacing([float(v) for v in spacing])
-    image.SetDirection([float(v) for v in direction.ravel()])
-    return image
-
-
-def _sameGrid(a, b, tolerance=1e-4):
-    return (a.GetSize() == b.GetSize()
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * max(b.GetSpacing()))
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
+    return report
 
 
 def _exampleRegions(pair, labelImages):
@@ -2392,7 +1739,7 @@ def _exampleRegions(pair, labelImages):
     if names is not None:
         values = pair.get("label_values")
         if values is None:
-            names = [n for n in names if _normalizedName(n) != "background"]
+            names = [n for n in names if conversions.normalizedName(n) != "background"]
             values = list(range(1, len(names) + 1))
         return list(names), [int(v) for v in values]
     import SimpleITK as sitk
@@ -2474,7 +1821,7 @@ class TextSCFRegistrationTest(ScriptedLoadableModuleTest):
         a, b = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
         jacobianNode.GetIJKToRASMatrix(a)
         fixedNode.GetIJKToRASMatrix(b)
-        np.testing.assert_allclose(_arrayFromVTKMatrix(a), _arrayFromVTKMatrix(b), atol=1e-6)
+        np.testing.assert_allclose(conversions.arrayFromVTKMatrix(a), conversions.arrayFromVTKMatrix(b), atol=1e-6)
 
         table = nodes["statsTableNode"]
         measures = [table.GetCellText(r, 0) for r in range(table.GetNumberOfRows())]
