@@ -68,12 +68,12 @@ def test_label_map_mapping_and_confidence(planted):
     seg = LabelMapSegmentor(label_map, [7, 3, 12], REGIONS).predict(image)
     assert isinstance(seg, Segmentation)
     assert seg.region_names == ["background", *REGIONS]
-    assert seg.labels.GetPixelID() == sitk.sitkUInt16 and seg.confidence.GetPixelID() == sitk.sitkFloat32
-    assert _same_grid(seg.labels, image) and _same_grid(seg.confidence, image)
+    assert seg.regions.GetPixelID() == sitk.sitkUInt16 and seg.confidence.GetPixelID() == sitk.sitkFloat32
+    assert _same_grid(seg.regions, image) and _same_grid(seg.confidence, image)
     expected = np.select([values == 7, values == 3, values == 12], [1, 2, 3], 0)
-    np.testing.assert_array_equal(_arr(seg.labels), expected)
-    np.testing.assert_array_equal(seg.labels_array(), expected)
-    assert seg.labels_array().dtype == np.int64
+    np.testing.assert_array_equal(_arr(seg.regions), expected)
+    np.testing.assert_array_equal(seg.regions_array(), expected)
+    assert seg.regions_array().dtype == np.int64
     assert np.all(seg.confidence_array() == 1.0)
     assert seg.probabilities is None
 
@@ -84,8 +84,8 @@ def test_label_map_float_integer_valued_accepted_and_tolerant_grid(planted):
     # float32-rounded NIfTI affines differ by ~1e-6 mm: must still count as the same grid.
     as_float.SetOrigin(tuple(np.array(label_map.GetOrigin()) + 2e-6))
     seg = LabelMapSegmentor(as_float, [7, 3, 12], REGIONS).predict(image)
-    assert int((seg.labels_array() == 1).sum()) == int((values == 7).sum())
-    assert seg.labels.GetOrigin() == image.GetOrigin()
+    assert int((seg.regions_array() == 1).sum()) == int((values == 7).sum())
+    assert seg.regions.GetOrigin() == image.GetOrigin()
 
 
 def test_label_map_non_integer_rejected(planted):
@@ -103,14 +103,14 @@ def test_label_map_unmapped_values(planted):
     with pytest.raises(InputError, match=r"2 label value\(s\) with no region/prompt: 3, 12.*--unmapped-labels background"):
         LabelMapSegmentor(label_map, [7], ["liver"])
     seg = LabelMapSegmentor(label_map, [7], ["liver"], unmapped="background").predict(image)
-    np.testing.assert_array_equal(seg.labels_array(), (values == 7).astype(np.int64))
+    np.testing.assert_array_equal(seg.regions_array(), (values == 7).astype(np.int64))
 
 
 def test_label_map_absent_value_warns(planted):
     _, label_map, image = planted
     with pytest.warns(UserWarning, match=r"'bladder' \(label 99\)"):
         seg = LabelMapSegmentor(label_map, [7, 3, 12, 99], [*REGIONS, "bladder"]).predict(image)
-    assert seg.num_regions == 5 and seg.labels_array().max() == 3
+    assert seg.num_regions == 5 and seg.regions_array().max() == 3
 
 
 def test_label_map_sparse_large_values(planted):
@@ -122,7 +122,7 @@ def test_label_map_sparse_large_values(planted):
                                 np.array(image.GetDirection()).reshape(3, 3))
     seg = LabelMapSegmentor(label_map, [50_000_000, 12], ["liver", "kidney"], unmapped="background").predict(image)
     expected = np.select([sparse == 50_000_000, sparse == 12], [1, 2], 0)
-    np.testing.assert_array_equal(seg.labels_array(), expected)
+    np.testing.assert_array_equal(seg.regions_array(), expected)
     with pytest.raises(InputError, match=r"no region/prompt: -4, 3\."):
         LabelMapSegmentor(label_map, [50_000_000, 12], ["liver", "kidney"])
 
@@ -190,13 +190,13 @@ def test_label_map_real_ct_example(shared_data):
     seg = LabelMapSegmentor(label_map, values, list(names.values())).predict(image)
     raw = _arr(label_map).astype(np.int64)
     counts = np.bincount(raw.ravel())
-    region_counts = np.bincount(seg.labels_array().ravel(), minlength=len(values) + 1)
+    region_counts = np.bincount(seg.regions_array().ravel(), minlength=len(values) + 1)
     assert seg.num_regions == len(values) + 1 == 62
     for index, value in enumerate(values, start=1):
         assert region_counts[index] == counts[value], names[str(value)]
     assert region_counts[0] == counts[0]
     assert region_counts.sum() == raw.size and region_counts[1:].sum() > 0
-    assert _same_grid(seg.labels, image)
+    assert _same_grid(seg.regions, image)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -254,13 +254,13 @@ def test_swin_predict_grid_and_probabilities(segmentor, oblique_prediction):
     image, seg = oblique_prediction
     assert isinstance(segmentor, Segmentor)
     assert seg.region_names == ["background", *REGIONS]
-    assert _same_grid(seg.labels, image) and _same_grid(seg.confidence, image)
-    assert seg.labels.GetPixelID() == sitk.sitkUInt16 and seg.confidence.GetPixelID() == sitk.sitkFloat32
+    assert _same_grid(seg.regions, image) and _same_grid(seg.confidence, image)
+    assert seg.regions.GetPixelID() == sitk.sitkUInt16 and seg.confidence.GetPixelID() == sitk.sitkFloat32
     probs = seg.probabilities
     assert probs.shape == (N_CLASSES, 48, 40, 36) and probs.dtype == np.float32
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
     assert probs.min() >= 0.0
-    confidence, labels = seg.confidence_array(), seg.labels_array()
+    confidence, labels = seg.confidence_array(), seg.regions_array()
     assert confidence.min() >= 1.0 / N_CLASSES - 1e-5 and confidence.max() <= 1.0
     np.testing.assert_allclose(confidence, probs.max(axis=0), atol=1e-6)
     assert labels.max() < N_CLASSES
@@ -306,7 +306,7 @@ def test_swin_without_kept_probabilities_gives_same_result(segmentor, weights_fi
     full = segmentor._back_to_image_grid(probs, grid, image)
     fast = lean._back_to_image_grid(probs, grid, image)
     assert fast.probabilities is None
-    np.testing.assert_array_equal(fast.labels_array(), full.labels_array())
+    np.testing.assert_array_equal(fast.regions_array(), full.regions_array())
     np.testing.assert_allclose(fast.confidence_array(), full.probabilities.max(axis=0), atol=1e-6)
     np.testing.assert_allclose(full.probabilities.sum(axis=0), 1.0, atol=1e-5)
 

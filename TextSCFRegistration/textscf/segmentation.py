@@ -55,13 +55,14 @@ class Segmentation:
     """Regions and confidence of one image, on that image's grid.
 
     Attributes:
-        labels: sitkUInt16 image of region indices ``0..N-1`` (0 = background), same grid as the input image.
+        regions: sitkUInt16 image of region indices ``0..N-1`` (0 = background; not label values), same grid as the
+            input image.
         confidence: sitkFloat32 image in ``[0, 1]`` (max class probability; 1 for a user label map), same grid.
         region_names: the ``N`` region names, ``region_names[0] == "background"``.
         probabilities: ``(N, I, J, K)`` float32 class probabilities in ITK index order, or None (not kept).
     """
 
-    labels: sitk.Image
+    regions: sitk.Image
     confidence: sitk.Image
     region_names: list[str]
     probabilities: np.ndarray | None = None
@@ -71,9 +72,18 @@ class Segmentation:
         """N, the number of regions including the background."""
         return len(self.region_names)
 
-    def labels_array(self) -> np.ndarray:
+    def regions_array(self) -> np.ndarray:
         """Region indices as an ``(I, J, K)`` int64 array (what the network takes)."""
-        return sitk.GetArrayFromImage(self.labels).transpose(2, 1, 0).astype(np.int64)
+        return sitk.GetArrayFromImage(self.regions).transpose(2, 1, 0).astype(np.int64)
+
+    # The old names, which said "labels" for region indices. Kept only until pipeline.py, worker.py and
+    # Testing/test_presets.py use ``regions`` / ``regions_array``; then delete them.
+    @property
+    def labels(self) -> sitk.Image:
+        return self.regions
+
+    def labels_array(self) -> np.ndarray:
+        return self.regions_array()
 
     def confidence_array(self) -> np.ndarray:
         """Confidence as an ``(I, J, K)`` float32 array."""
@@ -241,7 +251,7 @@ class LabelMapSegmentor:
         labels.CopyInformation(image)  # exact grid of the image, not just within tolerance
         confidence = sitk.Image(image.GetSize(), sitk.sitkFloat32) + 1.0
         confidence.CopyInformation(image)
-        return Segmentation(labels=labels, confidence=confidence, region_names=self.region_names, probabilities=None)
+        return Segmentation(regions=labels, confidence=confidence, region_names=self.region_names, probabilities=None)
 
 
 def lookup_regions(array: np.ndarray, regions_of: Mapping[int, int],
@@ -665,5 +675,5 @@ class SwinUNETRSegmentor:
             kept /= total[None]
             probabilities = kept.transpose(0, 3, 2, 1)  # (N, I, J, K) view: no second copy
         return Segmentation(
-            labels=labels_img, confidence=confidence_img, region_names=self.region_names, probabilities=probabilities
+            regions=labels_img, confidence=confidence_img, region_names=self.region_names, probabilities=probabilities
         )
