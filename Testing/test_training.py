@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 from torch.utils.data import Dataset
 
 from textscf.checkpoint import load_checkpoint
-from textscf.train import TrainSettings, build_model, poly_learning_rate, simulate_segmentor, train, validate
+from textscf.train import TrainSettings, build_model, poly_learning_rate, simulated_confidence, train, validate
 
 SHAPE = (32, 32, 32)
 
@@ -105,7 +105,7 @@ def test_resume_without_state_is_a_clear_error(tmp_path):
 
 def test_simulated_segmentor_lowers_confidence_at_boundaries_only():
     regions = ellipsoid_pair()["fixed_regions"][None]
-    _, p = simulate_segmentor(regions, torch.Generator().manual_seed(0))
+    p = simulated_confidence(regions, torch.Generator().manual_seed(0))
     assert p.shape == regions.shape and float(p.min()) >= 0 and float(p.max()) <= 1
     assert float(p[0, 0, 0, 0, 0]) > 0.85  # far from any boundary
     centre = tuple(s // 2 for s in SHAPE)

@@ -127,22 +127,21 @@ def build_model(
     return net
 
 
-def simulate_segmentor(regions: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def simulated_confidence(regions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A segmentor-like confidence for ground-truth regions: lower near boundaries, with a random depth.
 
     Args:
         regions: ``(B, 1, I, J, K)`` long.
 
     Returns:
-        ``(regions, confidence (B, 1, I, J, K))``; regions are unchanged.
+        confidence ``(B, 1, I, J, K)`` in [0, 1].
     """
     r = regions.float()
     boundary = (F.max_pool3d(r, 3, 1, 1) != -F.max_pool3d(-r, 3, 1, 1)).float()
     near = F.avg_pool3d(boundary, 5, 1, 2)  # in [0, 1], 1 on thick boundaries
     depth = 0.2 + 0.6 * torch.rand((), generator=generator).item()
     noise = 0.05 * torch.randn(regions.shape, generator=generator)
-    confidence = (1.0 - depth * near + noise).clamp(0.0, 1.0)
-    return regions, confidence
+    return (1.0 - depth * near + noise).clamp(0.0, 1.0)
 
 
 def poly_learning_rate(initial: float, epoch: int, epochs: int, power: float) -> float:
@@ -300,7 +299,7 @@ def train(
             # An explicit p = 1 keeps w_r in the graph (zero gradient), as DDP needs every step.
             confidence = torch.ones_like(f)
             if settings.simulate_segmentor > 0 and torch.rand((), generator=confidence_rng) < settings.simulate_segmentor:
-                _, confidence = simulate_segmentor(fr.cpu(), confidence_rng)
+                confidence = simulated_confidence(fr.cpu(), confidence_rng)
                 confidence = confidence.to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
                 result = model(m, f, fr, confidence)
