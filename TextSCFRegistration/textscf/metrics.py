@@ -1,8 +1,7 @@
 """Registration quality metrics: Jacobian determinant, SDlogJ, folding, Dice, HD95 and endpoint error.
 
-numpy in, numpy / Python floats out (torch tensors are accepted and moved to the CPU). Arrays follow the engine
-convention of ``docs/ARCHITECTURE.md``: volumes are ``(I, J, K)`` in ITK index order and a displacement is
-``(3, I, J, K)``, channel ``a`` along array axis ``a``, in the resampling convention ``x -> x + u(x)``.
+numpy in, numpy / Python floats out (torch tensors are accepted and moved to the CPU). Arrays and displacements
+follow the engine conventions stated in docs/ARCHITECTURE.md ("Array and physical-space conventions").
 
 Jacobian and SDlogJ follow the Learn2Reg evaluation code (``MDL-UzL/L2R``, ``evaluation/utils.py`` and
 ``evaluation/evaluation.py``), checked there:

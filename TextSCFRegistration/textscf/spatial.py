@@ -1,10 +1,7 @@
 """Model grid <-> physical space, resampling, displacement-field conversions, LPS/RAS.
 
-Conventions (docs/ARCHITECTURE.md): engine arrays are in ITK index order ``(I, J, K)``; SimpleITK's
-``GetArrayFromImage`` is ``[k, j, i]``. Physical space is ITK's LPS millimetres,
-``point(idx) = origin + D @ diag(spacing) @ idx``. Engine displacements are ``(3, I, J, K)`` in voxels of their
-grid (channel ``a`` along array axis ``a``), resampling convention ``warped(x) = moving(x + u(x))``; the
-physical field of a voxel field is ``v = D @ diag(spacing) @ u``. Slicer's RAS is ``(-x, -y, z)`` of LPS.
+The index order, physical space (LPS mm) and displacement conventions this module implements are stated once,
+in docs/ARCHITECTURE.md ("Array and physical-space conventions").
 """
 from __future__ import annotations
 

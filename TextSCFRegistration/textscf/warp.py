@@ -1,7 +1,7 @@
 """Warping, scaling-and-squaring integration and field resizing (MONAI's Warp/DVF2DDF underneath).
 
-Displacements are ``(B, 3, I, J, K)`` in voxels of their grid, channel a along array axis a, resampling
-convention ``warped(x) = image(x + u(x))``.
+The shapes, units and resampling convention of displacements are stated once, in docs/ARCHITECTURE.md ("Array
+and physical-space conventions"; the network's half-resolution field under "Model").
 """
 from __future__ import annotations
 

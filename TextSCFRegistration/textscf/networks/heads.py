@@ -1,7 +1,7 @@
 """Flow heads: the textSCF spatially covariant filter head, its no-SCF ablation, and the authors' variant.
 
 All heads map half-resolution features ``F (B, C2, i, j, k)`` to a half-resolution displacement
-``(B, 3, i, j, k)`` expressed in full-resolution voxels (channel a = along array axis a).
+``(B, 3, i, j, k)``; its units and channel order are stated once, in docs/ARCHITECTURE.md ("Model").
 """
 from __future__ import annotations
 
