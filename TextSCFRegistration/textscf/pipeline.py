@@ -22,7 +22,7 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
-from textscf import metrics
+from textscf import deformation, metrics
 from textscf.alignment import describe_transform, initial_alignment
 from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
@@ -646,17 +646,10 @@ def register(
         stats["device"] = "cpu" if run_note else str(device)
 
     with steps.stage("resample field"):
-        field_model = voxel_displacement_to_physical(u_model, grid)
-        deformable = resample_displacement(field_model, fixed)
-        fixed_voxels = physical_displacement_to_voxel(deformable, fixed)
-        jac = metrics.jacobian_determinant(fixed_voxels).astype(np.float32)
+        field = field_outputs(u_model, grid, fixed, init, moving, moving_labels)
+        total, jac, warped, warped_labels = field.total, field.jacobian, field.warped, field.warped_labels
         jacobian = sitk.GetImageFromArray(jac.transpose(2, 1, 0))
         jacobian.CopyInformation(fixed)
-        total = compose_with_initial(deformable, init)
-        warped = warp_image(moving, total, fixed, "linear", _background(moving))
-        warped_labels = None
-        if moving_labels is not None:
-            warped_labels = warp_image(moving_labels, total, fixed, "nearest", 0)
 
     with steps.stage("evaluate"):
         region_mask = None
@@ -665,7 +658,7 @@ def register(
             folding_percent=metrics.folding_percent(jac),
             jacobian_min=float(jac.min()),
             jacobian_max=float(jac.max()),
-            max_displacement_mm=float(np.sqrt((image_to_array(deformable) ** 2).sum(0)).max()),
+            max_displacement_mm=field.max_displacement_mm,
         )
         if moving_labels is not None and fixed_labels is not None:
             before = resample_to_grid(moving_labels, fixed, None, "nearest", 0)
@@ -700,6 +693,41 @@ def register(
         region_names=["background"] + list(prompts.region_names),
         initial_transform=init,
     )
+
+
+@dataclass
+class FieldOutputs:
+    """The network's field brought to the fixed grid: ``total`` (3-vector image, LPS mm, initial alignment folded
+    in), the Jacobian determinant of the deformable part ``(I, J, K)`` float32, its largest length in mm, and the
+    warped moving image and label map (None without one)."""
+
+    total: sitk.Image
+    jacobian: np.ndarray
+    max_displacement_mm: float
+    warped: sitk.Image
+    warped_labels: sitk.Image | None
+
+
+def field_outputs(u_model: np.ndarray, grid: ModelGrid, fixed: sitk.Image, init: sitk.Transform | None,
+                  moving: sitk.Image, moving_labels: sitk.Image | None) -> FieldOutputs:
+    """The model-grid voxel field ``u_model`` -> :class:`FieldOutputs` on the fixed grid.
+
+    The torch path (:class:`textscf.deformation.Deformation`, slab by slab, float32) serves matrix-offset initial
+    transforms, i.e. every alignment the engine computes; ITK's resampler (:mod:`textscf.spatial`) serves the others
+    (e.g. a B-spline ``--initial-transform``). The two agree to float32 rounding (Testing/test_deformation.py).
+    """
+    if deformation.supports(init):
+        with torch.inference_mode():
+            d = deformation.Deformation(u_model, grid, fixed, init)
+            labels = d.warp(moving_labels, "nearest", 0) if moving_labels is not None else None
+            return FieldOutputs(d.total_image(), d.jacobian(), d.max_length_mm(),
+                                d.warp(moving, "linear", _background(moving)), labels)
+    deformable = resample_displacement(voxel_displacement_to_physical(u_model, grid), fixed)
+    jac = metrics.jacobian_determinant(physical_displacement_to_voxel(deformable, fixed)).astype(np.float32)
+    total = compose_with_initial(deformable, init)
+    labels = warp_image(moving_labels, total, fixed, "nearest", 0) if moving_labels is not None else None
+    return FieldOutputs(total, jac, float(np.sqrt((image_to_array(deformable) ** 2).sum(0)).max()),
+                        warp_image(moving, total, fixed, "linear", _background(moving)), labels)
 
 
 def _check_label_guidance(options: RegistrationOptions, schedule: Schedule, moving_labels: sitk.Image | None,

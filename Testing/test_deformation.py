@@ -1,0 +1,108 @@
+"""The torch deformation path (textscf.deformation) against the ITK reference path (textscf.spatial, metrics)."""
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from textscf import metrics
+from textscf.deformation import Deformation, matrix_offset, supports
+from textscf.errors import InputError
+from textscf.phantom import random_smooth_displacement
+from textscf.spatial import (
+    ModelGrid,
+    compose_with_initial,
+    image_to_array,
+    physical_displacement_to_voxel,
+    resample_displacement,
+    voxel_displacement_to_physical,
+    warp_image,
+)
+
+
+def _image(arr, spacing, origin, direction=(1, 0, 0, 0, 1, 0, 0, 0, 1)):
+    img = sitk.GetImageFromArray(np.ascontiguousarray(arr.transpose(2, 1, 0)))
+    img.SetSpacing(spacing)
+    img.SetOrigin(origin)
+    img.SetDirection(direction)
+    return img
+
+
+def _oblique(angles=(0.1, -0.05, 0.2)):
+    rot = sitk.Euler3DTransform()
+    rot.SetRotation(*angles)
+    return tuple(rot.GetMatrix())
+
+
+def _initials():
+    affine = sitk.AffineTransform(3)
+    affine.SetMatrix((1.02, 0.03, 0.0, -0.02, 0.98, 0.01, 0.0, 0.02, 1.01))
+    affine.SetTranslation((3.0, 2.0, 1.0))
+    affine.SetCenter((50.0, 40.0, 100.0))
+    rigid = sitk.Euler3DTransform((40.0, 20.0, 60.0), 0.05, -0.03, 0.1, (-4.0, 2.5, 6.0))
+    return {"none": None, "affine": affine, "rigid": rigid, "translation": sitk.TranslationTransform(3, (5, -3, 2))}
+
+
+@pytest.fixture(scope="module")
+def case():
+    rng = np.random.default_rng(0)
+    shape_f = (40, 34, 46)
+    fixed = _image(rng.normal(size=shape_f).astype(np.float32), (2.0, 1.8, 2.2), (410.0, -320.0, 530.0), _oblique())
+    shape_m = (48, 40, 52)
+    ct = np.cumsum(rng.normal(size=shape_m) * 40, 0).astype(np.int16)
+    moving = _image(ct, (2.1, 1.9, 2.0), (400.0, -330.0, 520.0))
+    labels = _image(rng.integers(0, 14, size=shape_m).astype(np.int16), (2.1, 1.9, 2.0), (400.0, -330.0, 520.0))
+    grid = ModelGrid((20, 17, 23), (4.1, 3.5, 4.6), (412.0, -318.0, 528.0), _oblique((0.08, 0.0, 0.15)))
+    u = random_smooth_displacement(grid.shape, (4, 4, 4), 3.0, 30.0, seed=1).astype(np.float32)
+    return fixed, moving, labels, grid, u
+
+
+@pytest.mark.parametrize("initial", list(_initials()))
+def test_deformation_matches_the_itk_path(case, initial):
+    fixed, moving, labels, grid, u = case
+    init = _initials()[initial]
+    field = resample_displacement(voxel_displacement_to_physical(u, grid), fixed)
+    total = compose_with_initial(field, init)
+    deformation = Deformation(u, grid, fixed, init)
+
+    assert np.abs(image_to_array(field) - deformation.d_mm.numpy()).max() < 1e-4  # mm, fields of up to ~3 mm
+    assert deformation.max_length_mm() == pytest.approx(np.sqrt((image_to_array(field) ** 2).sum(0)).max(), rel=1e-5)
+    jac = metrics.jacobian_determinant(physical_displacement_to_voxel(field, fixed))
+    assert np.abs(jac - deformation.jacobian()).max() < 1e-5
+    ours = deformation.total_image()
+    assert ours.GetPixelID() == sitk.sitkVectorFloat64 and ModelGrid.from_image(ours) == ModelGrid.from_image(fixed)
+    assert np.abs(image_to_array(total) - image_to_array(ours)).max() < 1e-3  # float32 on coordinates of ~500 mm
+
+    warped_itk = sitk.GetArrayFromImage(warp_image(moving, total, fixed, "linear", -1024.0))
+    warped = deformation.warp(moving, "linear", -1024.0)
+    assert warped.GetPixelID() == moving.GetPixelID()
+    # int16 truncation may land one unit apart where the float32 and float64 interpolations straddle an integer
+    assert np.abs(warped_itk.astype(int) - sitk.GetArrayFromImage(warped).astype(int)).max() <= 1
+    assert (warped_itk == -1024).sum() == (sitk.GetArrayFromImage(warped) == -1024).sum() > 0  # outside: default
+    labels_itk = sitk.GetArrayFromImage(warp_image(labels, total, fixed, "nearest", 0))
+    assert (labels_itk != sitk.GetArrayFromImage(deformation.warp(labels, "nearest", 0))).mean() < 1e-3
+
+
+def test_only_matrix_offset_initial_transforms_are_composed(case):
+    fixed, _, _, grid, u = case
+    bspline = sitk.BSplineTransform(3)
+    assert supports(None) and supports(_initials()["affine"]) and not supports(bspline)
+    m, t = matrix_offset(_initials()["affine"])
+    y = np.array([1.0, 2.0, 3.0])
+    assert np.allclose(m @ y + t, _initials()["affine"].TransformPoint(tuple(y)))
+    with pytest.raises(InputError, match="matrix-offset"):
+        Deformation(u, grid, fixed, bspline)
+    with pytest.raises(InputError, match="voxel displacement must be"):
+        Deformation(u[:, 1:], grid, fixed, None)
+
+
+def test_field_outputs_take_the_itk_path_for_other_initial_transforms_and_agree(case):
+    from textscf.pipeline import field_outputs
+
+    fixed, moving, labels, grid, u = case
+    identity_bspline = sitk.BSplineTransformInitializer(fixed, [3, 3, 3])  # zero coefficients: the identity
+    fast = field_outputs(u, grid, fixed, None, moving, labels)
+    itk = field_outputs(u, grid, fixed, identity_bspline, moving, labels)
+    assert np.abs(image_to_array(fast.total) - image_to_array(itk.total)).max() < 1e-4
+    assert np.abs(fast.jacobian - itk.jacobian).max() < 1e-5
+    assert fast.max_displacement_mm == pytest.approx(itk.max_displacement_mm, rel=1e-5)
+    assert np.abs(sitk.GetArrayFromImage(fast.warped).astype(int) - sitk.GetArrayFromImage(itk.warped)).max() <= 1
+    assert (sitk.GetArrayFromImage(fast.warped_labels) != sitk.GetArrayFromImage(itk.warped_labels)).mean() < 1e-3
