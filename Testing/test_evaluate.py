@@ -13,7 +13,11 @@ from scipy.ndimage import zoom
 
 from textscf import evaluate
 from textscf.errors import InputError, OutputError
-from textscf.evaluate import PairCase, evaluate_pairs, learn2reg_displacement, summarise
+from textscf.evaluate import evaluate_pairs
+from textscf.evaluation import pairs as pair_lists, report
+from textscf.evaluation.learn2reg import learn2reg_displacement
+from textscf.evaluation.pairs import PairCase
+from textscf.evaluation.statistics import PER_REGION_COLUMNS, summarise
 from textscf.io import MANIFEST_NAME
 from textscf.pipeline import RegistrationOptions
 
@@ -149,11 +153,11 @@ def test_reports_are_written_and_parseable(evaluated):
     assert sorted(json.loads((out / MANIFEST_NAME).read_text())["files"]) == sorted([*evaluate.OUTPUT_NAMES,
                                                                                     MANIFEST_NAME])
     region_rows = _read_csv(out / "per_region.csv")
-    assert list(region_rows[0]) == list(evaluate.PER_REGION_COLUMNS)
+    assert list(region_rows[0]) == list(PER_REGION_COLUMNS)
     assert len(region_rows) == 4
     box_liver = [r for r in region_rows if r["pair"] == "box" and r["region"] == "liver"][0]
     assert float(box_liver["dice"]) == pytest.approx(0.75) and float(box_liver["hd95_mm"]) == pytest.approx(4.0)
-    pair_rows = evaluate.read_rows(out / "per_pair.csv")
+    pair_rows = report.read_rows(out / "per_pair.csv")
     assert [r["pair"] for r in pair_rows] == ["box", "self"]
     assert pair_rows[0]["mean_dice"] == pytest.approx(result.per_pair[0]["mean_dice"], rel=1e-12)
     assert pair_rows[0]["device"] == "cpu" and pair_rows[0]["fixed"] == "1"
@@ -302,7 +306,7 @@ def test_a_failing_pair_is_named_the_others_are_kept_and_resume_runs_only_the_re
                             progress=False, resume=True)
     assert calls == [boxes["moving"]]
     assert [r["pair"] for r in result.per_pair] == ["box", "bad", "self"]
-    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["box", "bad", "self"]
+    assert [r["pair"] for r in report.read_rows(out / "per_pair.csv")] == ["box", "bad", "self"]
     assert not (out / "partial").exists()
     assert sorted(p.name for p in (out / "learn2reg").iterdir()) == [
         "disp_0001_0001.npz", "disp_0001_0002.npz", "disp_0001_0003.npz", MANIFEST_NAME]
@@ -320,7 +324,7 @@ def test_overwrite_replaces_the_previous_evaluation_as_a_whole(boxes, tiny_check
     assert (out / "learn2reg" / "disp_0001_0001.npz").is_file()
     # --overwrite discards that unfinished run and replaces the old one; the old pair's field does not stay
     evaluate_pairs([box], _options(tiny_checkpoint), out, learn2reg=True, overwrite=True, progress=False)
-    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["box"]
+    assert [r["pair"] for r in report.read_rows(out / "per_pair.csv")] == ["box"]
     assert sorted(p.name for p in (out / "learn2reg").iterdir()) == ["disp_0001_0002.npz", MANIFEST_NAME]
     assert not (out / "partial").exists()
     # a new evaluation without --learn2reg replaces the old one's fields too
@@ -333,7 +337,7 @@ def test_synthetic_images_are_said_plainly(boxes, tiny_checkpoint, tmp_path):
     case.synthetic = True
     result = evaluate_pairs([case], _options(tiny_checkpoint), tmp_path / "out", progress=False,
                             method_name="tiny")
-    assert result.notes == [evaluate.SYNTHETIC_NOTE]
+    assert result.notes == [pair_lists.SYNTHETIC_NOTE]
     md = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert "SYNTHETIC" in md and "# Evaluation: tiny" in md and "| tiny | 1 |" in md
     assert not (tmp_path / "out" / "learn2reg").exists()
@@ -353,7 +357,7 @@ def test_bad_pair_lists_are_refused(tmp_path, boxes):
         evaluate_pairs([no_ids], output_dir=tmp_path / "o", learn2reg=True, progress=False)
     with pytest.raises(InputError, match="fixed_labels, moving_labels|lacks the column"):
         (tmp_path / "bad.csv").write_text("a,b\nx,y\n")
-        evaluate.pairs_from_csv(tmp_path / "bad.csv")
+        pair_lists.pairs_from_csv(tmp_path / "bad.csv")
     assert not (tmp_path / "o").exists()
 
 
@@ -368,7 +372,7 @@ def test_pairs_from_csv_and_learn2reg_json(tmp_path):
         "imagesTr/AbdomenCTCT_0001_0000.nii.gz,imagesTr/AbdomenCTCT_0002_0000.nii.gz,"
         "labelsTr/AbdomenCTCT_0001_0000.nii.gz,\n"
     )
-    [case] = evaluate.pairs_from_csv(tmp_path / "pairs.csv")
+    [case] = pair_lists.pairs_from_csv(tmp_path / "pairs.csv")
     assert case.fixed == tmp_path / "imagesTr" / "AbdomenCTCT_0001_0000.nii.gz"
     assert case.fixed_labels == tmp_path / "labelsTr" / "AbdomenCTCT_0001_0000.nii.gz"
     assert case.moving_labels is None
@@ -378,16 +382,16 @@ def test_pairs_from_csv_and_learn2reg_json(tmp_path):
         '{"registration_val": [{"fixed": "./imagesTr/AbdomenCTCT_0001_0000.nii.gz",'
         ' "moving": "./imagesTr/AbdomenCTCT_0002_0000.nii.gz"}], "registration_test": []}'
     )
-    [case] = evaluate.pairs_from_learn2reg(tmp_path / "AbdomenCTCT_dataset.json")
+    [case] = pair_lists.pairs_from_learn2reg(tmp_path / "AbdomenCTCT_dataset.json")
     assert case.name == "0001<-0002"
     assert case.fixed_labels == (tmp_path / "labelsTr" / "AbdomenCTCT_0001_0000.nii.gz").resolve()
     assert case.moving_labels is None
     with pytest.raises(InputError, match="registration_test"):
-        evaluate.pairs_from_learn2reg(tmp_path / "AbdomenCTCT_dataset.json", split="test")
+        pair_lists.pairs_from_learn2reg(tmp_path / "AbdomenCTCT_dataset.json", split="test")
 
 
 def test_btcv_synthetic_test_pairs(shared_data):
-    cases = evaluate.btcv_synthetic_test_pairs(shared_data)
+    cases = pair_lists.btcv_synthetic_test_pairs(shared_data)
     assert len(cases) == 42 and len({c.name for c in cases}) == 42
     assert all(c.synthetic for c in cases)
     ids = {c.fixed_id for c in cases} | {c.moving_id for c in cases}
@@ -403,7 +407,7 @@ def test_summarise_and_markdown_table():
     by_region = summarise(rows, by="region")
     assert list(by_region) == ["x", "y"]
     assert by_region["x"]["dice"]["n"] == 1 and math.isnan(by_region["x"]["dice"]["std"])
-    table = evaluate.markdown_table(["a", "b"], [["x|y", float("nan")], ["z", 1.23456]])
+    table = report.markdown_table(["a", "b"], [["x|y", float("nan")], ["z", 1.23456]])
     assert table.splitlines() == ["| a | b |", "|---|---|", "| x\\|y | – |", "| z | 1.23 |"]
 
 
@@ -411,7 +415,7 @@ def test_dice_boxplot_draws_methods_side_by_side(tmp_path):
     rng = np.random.default_rng(0)
     rows = {m: [{"region": r, "dice": float(v)} for r in ("liver", "spleen", "aorta") for v in rng.uniform(0, 1, 5)]
             for m in ("initial", "textscf", "lku-net")}
-    path = evaluate.dice_boxplot(rows, tmp_path / "box.png", title="three methods")
+    path = report.dice_boxplot(rows, tmp_path / "box.png", title="three methods")
     assert Path(path).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -461,6 +465,6 @@ def test_cli_reports_the_failed_pair_and_resumes(boxes, tiny_checkpoint, tmp_pat
     # the bad pair repaired: --resume registers it alone and writes the reports over both pairs
     (tmp_path / "pairs.csv").write_text(header + good + bad.replace("bad_labels_0003", "moving_labels_0002"))
     assert main(argv + ["--resume"]) == 0
-    assert [r["pair"] for r in evaluate.read_rows(out / "per_pair.csv")] == ["good", "bad"]
+    assert [r["pair"] for r in report.read_rows(out / "per_pair.csv")] == ["good", "bad"]
     assert "evaluated 2 pair(s)" in capsys.readouterr().out
     assert not (out / "partial").exists()
