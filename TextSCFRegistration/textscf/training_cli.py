@@ -83,7 +83,7 @@ def add_train_parser(sub) -> None:
         "synthesised from the Learn2Reg/BTCV label maps in ../shared/data, paper split), 'phantom' (generated "
         "abdominal phantoms), a Learn2Reg dataset JSON, or folder:IMAGES_DIR:LABELS_DIR.",
     )
-    from textscf.cli import float_option, int_option, output_folder_option
+    from textscf.cli import float_option, int_option, output_folder_option, seed_option
 
     count = int_option(1)
     fraction = float_option(0.0, 1.0, what="a fraction")
@@ -131,7 +131,7 @@ def add_train_parser(sub) -> None:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--seed", type=int_option(0, 2**32 - 1), default=0)
+    p.add_argument("--seed", type=seed_option, default=0)
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(handler=cmd_train)
 
