@@ -2,6 +2,9 @@
 import hashlib
 import importlib.util
 import math
+import os
+import signal
+import time
 import shutil
 from pathlib import Path
 
@@ -273,6 +276,59 @@ def test_grid_transform_node_reads_back_as_the_same_displacement(logic, scene, f
     field = sampled.GetDisplacementField()
     np.testing.assert_allclose(sitk.GetArrayFromImage(field), sitk.GetArrayFromImage(result.displacement), atol=1e-6)
     np.testing.assert_allclose(field.GetOrigin(), result.displacement.GetOrigin(), atol=1e-9)
+
+
+def test_volume_node_is_written_as_raw_nrrd_that_itk_reads(logic, fixed_node, tmp_path):
+    from TextSCFRegistrationLib import conversions
+
+    path = tmp_path / "fixed.nrrd"
+    conversions.writeVolumeNode(fixed_node, str(path))
+    read = sitk.ReadImage(str(path))
+    expected = logic.volumeNodeToSitk(fixed_node)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(read), slicer.util.arrayFromVolume(fixed_node))
+    np.testing.assert_allclose(read.GetOrigin(), expected.GetOrigin(), atol=1e-12)
+    np.testing.assert_allclose(read.GetSpacing(), expected.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(read.GetDirection(), expected.GetDirection(), atol=1e-12)
+
+
+def test_nrrd_written_by_itk_is_read_into_a_given_buffer(logic, fixed_node, tmp_path):
+    from TextSCFRegistrationLib import nrrd
+
+    displacement = result_for(logic, fixed_node).displacement
+    path = tmp_path / "field.nrrd"
+    sitk.WriteImage(sitk.Cast(displacement, sitk.sitkVectorFloat32), str(path), False)
+    header = nrrd.read_header(str(path))
+    assert header.components == 3 and header.size == FIXED_SHAPE_IJK and header.dtype == np.float32
+    np.testing.assert_allclose(header.origin, displacement.GetOrigin(), atol=1e-12)
+    np.testing.assert_allclose(header.spacing, displacement.GetSpacing(), atol=1e-12)
+    np.testing.assert_allclose(header.direction.ravel(), displacement.GetDirection(), atol=1e-12)
+    buffer = np.empty(header.shape, header.dtype)
+    header.readInto(buffer)
+    np.testing.assert_array_equal(buffer, sitk.GetArrayFromImage(displacement).astype(np.float32))
+    with pytest.raises(ValueError, match="cannot read"):
+        header.readInto(np.empty(header.shape, np.float64))
+    path.write_bytes(path.read_bytes()[:-7])
+    with pytest.raises(ValueError, match="truncated"):
+        nrrd.read_header(str(path))
+
+
+def test_displacement_file_fills_the_grid_transform_in_its_own_type(logic, scene, fixed_node, tmp_path):
+    """The engine process's float32 field becomes a float32 grid (no float64 copy), RAS, equal to ITK's transform."""
+    displacement = sitk.Cast(result_for(logic, fixed_node).displacement, sitk.sitkVectorFloat32)
+    path = tmp_path / "displacement.nrrd"
+    sitk.WriteImage(displacement, str(path), False)
+    node = scene.AddNewNodeByClass("vtkMRMLGridTransformNode", "t")
+    logic.setGridTransformFromDisplacement(node, str(path))
+    grid = node.GetTransformFromParent().GetDisplacementGrid()
+    assert grid.GetPointData().GetScalars().GetDataType() == vtk.VTK_FLOAT
+    vectors = slicer.util.arrayFromGridTransform(node)
+    np.testing.assert_array_equal(vectors, sitk.GetArrayFromImage(displacement) * np.array([-1, -1, 1], np.float32))
+    itk = sitk.DisplacementFieldTransform(sitk.Cast(displacement, sitk.sitkVectorFloat64))
+    m = ijk_to_ras_of(fixed_node)
+    for ijk in np.random.default_rng(1).uniform([1, 1, 1], [12, 10, 8], size=(10, 3)):
+        ras = m[:3, :3] @ ijk + m[:3, 3]
+        np.testing.assert_allclose(node.GetTransformFromParent().TransformPoint(ras),
+                                   F @ np.array(itk.TransformPoint(tuple(F @ ras))), atol=1e-5)
 
 
 def test_linear_initial_transform_becomes_lps_affine(logic, scene, fixed_node):
@@ -929,21 +985,73 @@ def test_process_end_to_end_on_the_example_pair(logic, scene, example_pair, tiny
     assert [r for r in rows if r[0] == "Device"][0][4] == "cpu"
 
 
+def _process_is_gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 @needs_pipeline
-def test_process_cancelled_by_the_user_leaves_the_scene_unchanged(logic, scene, example_pair, tiny_checkpoint):
+@pytest.mark.parametrize("stage", ["Reading inputs", "register"])
+def test_cancel_kills_the_engine_process_mid_run_and_leaves_the_scene_unchanged(logic, scene, example_pair,
+                                                                              tiny_checkpoint, stage):
+    """Cancel while the engine process starts (importing torch) or refines the network on the pair: the process is
+    ended within a second (terminate, then kill), its job folder removed, and the scene keeps exactly its nodes."""
     pair = logic.loadExamplePair(scene, pair=example_pair)
     before = node_ids(scene)
-    polls = []
+    seen = {}
+
+    def progress(current, fraction, seconds_left=None):
+        running = logic.job is not None and logic.job.process is not None  # the logic's own first line precedes it
+        if current == stage and running and "pid" not in seen:
+            seen.update(pid=logic.job.process.pid, folder=logic.job.folder)
 
     def cancel():
-        polls.append(1)
-        return len(polls) > 2  # cancel inside the pipeline, after it started
+        if "pid" in seen and "requested" not in seen:
+            seen["requested"] = time.monotonic()
+        return "requested" in seen
 
-    with pytest.raises(CancelledError):
+    with pytest.raises(CancelledError, match="engine process was stopped"):
+        logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                      {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct",
+                       "refine_iterations": 500, "refine_field_iterations": 0},
+                      fixedSegmentationNode=pair["fixedSegmentationNode"], progressCallback=progress,
+                      cancelCallback=cancel)
+    latency = time.monotonic() - seen["requested"]
+    print(f"cancel during '{stage}': engine process ended {logic.job.cancelSeconds:.3f} s after the kill request, "
+          f"process() returned {latency:.3f} s after Cancel")
+    assert latency < 1.5 and logic.job.cancelSeconds <= latency
+    assert _process_is_gone(seen["pid"])
+    assert not os.path.exists(seen["folder"])
+    assert node_ids(scene) == before
+    assert pair["movingVolumeNode"].GetTransformNodeID() is None
+
+
+@needs_pipeline
+def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(logic, scene, example_pair,
+                                                                             tiny_checkpoint):
+    """The engine process killed as the system kills it when memory runs out (SIGKILL) during the registration:
+    a clear error, no new node, the job folder removed."""
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    before = node_ids(scene)
+    seen = {}
+
+    def progress(stage, fraction, seconds_left=None):
+        if stage == "register" and "pid" not in seen:
+            seen.update(pid=logic.job.process.pid, folder=logic.job.folder)
+            os.kill(seen["pid"], signal.SIGKILL)
+
+    from TextSCFRegistrationLib.engineprocess import EngineProcessError
+
+    with pytest.raises(EngineProcessError, match="ended by SIGKILL.*memory runs out.*scene was left as it was"):
         logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
                       {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
-                      fixedSegmentationNode=pair["fixedSegmentationNode"], cancelCallback=cancel)
-    assert len(polls) == 3
+                      fixedSegmentationNode=pair["fixedSegmentationNode"],
+                      movingSegmentationNode=pair["movingSegmentationNode"], progressCallback=progress)
+    assert "pid" in seen and _process_is_gone(seen["pid"])
+    assert not os.path.exists(seen["folder"])
     assert node_ids(scene) == before
     assert pair["movingVolumeNode"].GetTransformNodeID() is None
 
@@ -961,6 +1069,7 @@ def test_process_with_regions_from_the_segment_names(logic, scene, example_pair,
     assert logic.lastResult.region_names == ["background"] + segment_names
     dice_regions = [r[1] for r in table_rows(nodes["statsTableNode"]) if r[0] == "Dice"]
     assert dice_regions == segment_names + ["mean"]
+    assert not os.path.exists(logic.job.folder)  # the engine process's job folder is gone
 
 
 def _bundled_model_available():
