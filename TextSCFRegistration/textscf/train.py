@@ -232,18 +232,68 @@ def train(
         torch.set_num_threads(int(settings.threads))
     torch.manual_seed(settings.seed + rank)
     np.random.seed(settings.seed + rank)
-    history: list[dict] = []
-    start_epoch, best = 0, -math.inf
+    start_epoch, best, history, optimiser_state = _resumed(out, net) if resume else (0, -math.inf, [], None)
+    model, optimiser = _model_and_optimiser(net, device, world, settings, optimiser_state)
+    run = _Run(net, model, optimiser, settings, device, rank, *_loader(train_pairs, settings, rank, world))
+    best_path, last_path = out / "best.pt", out / "last.pt"
+    meta = {**(metadata or {}), "train_settings": asdict(settings)}
 
-    if resume:
-        last, state_path = out / "last.pt", out / TRAIN_STATE
-        if not last.is_file() or not state_path.is_file():
-            raise CheckpointError(f"nothing to resume in {out}: last.pt or {TRAIN_STATE} is missing")
-        payload = read_checkpoint_file(last)
-        net.load_state_dict(payload["state_dict"])
-        state = read_checkpoint_file(state_path)
-        start_epoch, best, history = int(state["epoch"]) + 1, float(state["best_val_dice"]), list(state["history"])
+    for epoch in range(start_epoch, settings.epochs):
+        lr = _start_epoch(run, train_pairs, epoch)
+        t0 = time.perf_counter()
+        sums = _train_epoch(run, epoch)
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "lr": lr, **{k: v / run.steps for k, v in sums.items()},
+               "seconds": round(seconds, 2), "steps_per_s": round(run.steps / max(seconds, 1e-9), 4)}
+        if val_pairs is not None and rank == 0 and ((epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs):
+            row["val_dice"] = validate(net, val_pairs, device)
+        history.append(row)
+        if rank == 0:
+            best = _save_epoch(run, out, epoch, best, history, meta)
+            if on_epoch_end is not None:
+                on_epoch_end(row)
+    if world > 1:
+        dist.barrier()
+    return TrainResult(best_path if best_path.is_file() else None, last_path, best, history)
 
+
+@dataclass
+class _Run:
+    """What every step of one training run uses."""
+
+    net: TextSCFNet
+    model: torch.nn.Module  # the net, or its DDP / compiled wrapper
+    optimiser: torch.optim.Optimizer
+    settings: TrainSettings
+    device: torch.device
+    rank: int
+    loader: DataLoader
+    sampler: torch.utils.data.DistributedSampler | None
+    generator: torch.Generator  # the loader's
+
+    def __post_init__(self):
+        self.criterion = RegistrationLoss(self.settings.similarity, self.settings.dice_weight,
+                                          self.settings.smooth_weight)
+        self.label_warp = SpatialTransformer()
+        self.confidence_rng = torch.Generator()
+        self.steps = self.settings.steps_per_epoch or len(self.loader)
+
+
+def _resumed(out: Path, net: TextSCFNet) -> tuple[int, float, list[dict], dict]:
+    """``net`` loaded from ``out/last.pt``; the epoch to start from, the best validation Dice, the history and the
+    optimiser state saved beside it."""
+    last, state_path = out / "last.pt", out / TRAIN_STATE
+    if not last.is_file() or not state_path.is_file():
+        raise CheckpointError(f"nothing to resume in {out}: last.pt or {TRAIN_STATE} is missing")
+    payload = read_checkpoint_file(last)
+    net.load_state_dict(payload["state_dict"])
+    state = read_checkpoint_file(state_path)
+    return int(state["epoch"]) + 1, float(state["best_val_dice"]), list(state["history"]), state["optimizer"]
+
+
+def _model_and_optimiser(net: TextSCFNet, device: torch.device, world: int, settings: TrainSettings,
+                         optimiser_state: dict | None) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The net on ``device`` in training mode (wrapped in DDP across processes, compiled if asked) and its Adam."""
     net.to(device).train()
     model: torch.nn.Module = net
     if world > 1:
@@ -251,90 +301,97 @@ def train(
     if settings.compile:
         model = torch.compile(model)
     optimiser = torch.optim.Adam(net.parameters(), lr=settings.learning_rate)
-    if resume:
-        optimiser.load_state_dict(state["optimizer"])
+    if optimiser_state is not None:
+        optimiser.load_state_dict(optimiser_state)
+    return model, optimiser
 
+
+def _loader(train_pairs: Dataset, settings: TrainSettings, rank: int, world: int
+            ) -> tuple[DataLoader, torch.utils.data.DistributedSampler | None, torch.Generator]:
+    """``(DataLoader, DistributedSampler or None, the loader's generator)``: one pair a step, shuffled."""
     sampler = torch.utils.data.DistributedSampler(train_pairs, world, rank, shuffle=True, seed=settings.seed) if world > 1 else None
     generator = torch.Generator().manual_seed(settings.seed + rank)
     loader = DataLoader(train_pairs, batch_size=1, shuffle=sampler is None, sampler=sampler,
                         num_workers=settings.num_workers, generator=generator)
-    criterion = RegistrationLoss(settings.similarity, settings.dice_weight, settings.smooth_weight)
-    label_warp = SpatialTransformer()
-    confidence_rng = torch.Generator()
-    steps = settings.steps_per_epoch or len(loader)
-    log_path = out / "log.csv"
-    best_path, last_path = out / "best.pt", out / "last.pt"
-    meta = dict(metadata or {})
-    meta["train_settings"] = asdict(settings)
+    return loader, sampler, generator
 
-    for epoch in range(start_epoch, settings.epochs):
-        if sampler is not None:
-            sampler.set_epoch(epoch)
-        if hasattr(train_pairs, "set_epoch"):
-            train_pairs.set_epoch(epoch)  # new augmentation (and synthesised pairs) every epoch
-        lr = poly_learning_rate(settings.learning_rate, epoch, settings.epochs, settings.power)
-        for group in optimiser.param_groups:
-            group["lr"] = lr
-        # Every random stream restarts from (seed, epoch, rank), so a resumed run replays the same epochs.
-        epoch_seed = settings.seed * 100003 + epoch * 101 + rank
-        generator.manual_seed(epoch_seed)
-        confidence_rng.manual_seed(epoch_seed + 7)
-        torch.manual_seed(epoch_seed + 13)
-        t0 = time.perf_counter()
-        sums: dict[str, float] = {}
-        iterator = iter(loader)
-        bar = None
-        if settings.show_progress and rank == 0:
-            from tqdm.auto import tqdm
 
-            bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{settings.epochs}", unit="pair", leave=False)
-        for step in range(steps):
-            try:
-                item = next(iterator)
-            except StopIteration:
-                iterator = iter(loader)
-                item = next(iterator)
-            m, f = item["moving"].to(device), item["fixed"].to(device)
-            mr, fr = item["moving_regions"].to(device), item["fixed_regions"].to(device)
-            # An explicit p = 1 keeps w_r in the graph (zero gradient), as DDP needs every step.
-            confidence = torch.ones_like(f)
-            if settings.simulate_segmentor > 0 and torch.rand((), generator=confidence_rng) < settings.simulate_segmentor:
-                confidence = simulated_confidence(fr.cpu(), confidence_rng)
-                confidence = confidence.to(device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
-                result = model(m, f, fr, confidence)
-            loss, parts = _step_loss(net, criterion, label_warp, result, item, f, mr, fr, settings, device)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            parts["loss"] = float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{parts['loss']:.4f}")
+def _start_epoch(run: _Run, train_pairs: Dataset, epoch: int) -> float:
+    """Set the epoch's data, learning rate (returned) and random streams."""
+    settings = run.settings
+    if run.sampler is not None:
+        run.sampler.set_epoch(epoch)
+    if hasattr(train_pairs, "set_epoch"):
+        train_pairs.set_epoch(epoch)  # new augmentation (and synthesised pairs) every epoch
+    lr = poly_learning_rate(settings.learning_rate, epoch, settings.epochs, settings.power)
+    for group in run.optimiser.param_groups:
+        group["lr"] = lr
+    # Every random stream restarts from (seed, epoch, rank), so a resumed run replays the same epochs.
+    epoch_seed = settings.seed * 100003 + epoch * 101 + run.rank
+    run.generator.manual_seed(epoch_seed)
+    run.confidence_rng.manual_seed(epoch_seed + 7)
+    torch.manual_seed(epoch_seed + 13)
+    return lr
+
+
+def _train_epoch(run: _Run, epoch: int) -> dict[str, float]:
+    """``run.steps`` optimisation steps (the loader restarts when it runs out); the sums of the loss parts."""
+    sums: dict[str, float] = {}
+    iterator = iter(run.loader)
+    bar = None
+    if run.settings.show_progress and run.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=run.steps, desc=f"epoch {epoch + 1}/{run.settings.epochs}", unit="pair", leave=False)
+    for _ in range(run.steps):
+        try:
+            item = next(iterator)
+        except StopIteration:
+            iterator = iter(run.loader)
+            item = next(iterator)
+        parts = _train_step(run, item)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
         if bar is not None:
-            bar.close()
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.4f}")
+    if bar is not None:
+        bar.close()
+    return sums
 
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "lr": lr, **{k: v / steps for k, v in sums.items()},
-               "seconds": round(seconds, 2), "steps_per_s": round(steps / max(seconds, 1e-9), 4)}
-        if val_pairs is not None and rank == 0 and ((epoch + 1) % settings.validate_every == 0 or epoch + 1 == settings.epochs):
-            row["val_dice"] = validate(net, val_pairs, device)
-        history.append(row)
-        if rank == 0:
-            meta.update(epoch=epoch + 1, history_tail=history[-3:])
-            save_checkpoint(net, last_path, meta)
-            if "val_dice" in row and row["val_dice"] > best:
-                best = row["val_dice"]
-                save_checkpoint(net, best_path, {**meta, "val_dice": best})
-            _save_state(out / TRAIN_STATE, optimiser, epoch, best, history, settings)
-            _write_log(log_path, history)
-            if on_epoch_end is not None:
-                on_epoch_end(row)
-    if world > 1:
-        dist.barrier()
-    return TrainResult(best_path if best_path.is_file() else None, last_path, best, history)
+
+def _train_step(run: _Run, item: dict) -> dict[str, float]:
+    """One optimisation step on one pair; returns the loss and its parts."""
+    settings, device = run.settings, run.device
+    m, f = item["moving"].to(device), item["fixed"].to(device)
+    mr, fr = item["moving_regions"].to(device), item["fixed_regions"].to(device)
+    # An explicit p = 1 keeps w_r in the graph (zero gradient), as DDP needs every step.
+    confidence = torch.ones_like(f)
+    if settings.simulate_segmentor > 0 and torch.rand((), generator=run.confidence_rng) < settings.simulate_segmentor:
+        confidence = simulated_confidence(fr.cpu(), run.confidence_rng)
+        confidence = confidence.to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=settings.bf16):
+        result = run.model(m, f, fr, confidence)
+    loss, parts = _step_loss(run.net, run.criterion, run.label_warp, result, item, f, mr, fr, settings, device)
+    run.optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    run.optimiser.step()
+    parts["loss"] = float(loss.detach())
+    return parts
+
+
+def _save_epoch(run: _Run, out: Path, epoch: int, best: float, history: list[dict], meta: dict) -> float:
+    """``last.pt``, ``best.pt`` when the validation Dice improved, the training state and ``log.csv``; returns the
+    best validation Dice so far."""
+    row = history[-1]
+    meta.update(epoch=epoch + 1, history_tail=history[-3:])
+    save_checkpoint(run.net, out / "last.pt", meta)
+    if "val_dice" in row and row["val_dice"] > best:
+        best = row["val_dice"]
+        save_checkpoint(run.net, out / "best.pt", {**meta, "val_dice": best})
+    _save_state(out / TRAIN_STATE, run.optimiser, epoch, best, history, run.settings)
+    _write_log(out / "log.csv", history)
+    return best
 
 
 def _step_loss(net, criterion, label_warp, result, item, fixed, moving_regions, fixed_regions, settings, device):
