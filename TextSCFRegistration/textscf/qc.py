@@ -432,16 +432,47 @@ def render_qc_figure(fixed: sitk.Image, moving: sitk.Image, result: Registration
     Raises:
         InputError: bad images or modality. OutputError: the PNG cannot be written.
     """
-    from matplotlib.colors import TwoSlopeNorm
-    from matplotlib.figure import Figure
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    import matplotlib
+    modality = _checked_modality(modality)
+    _check_inputs(fixed, moving, result)
+    planes = view_planes(fixed, focus_point(fixed, fixed_labels))
+    moving_outside = float(np.min(sitk.GetArrayViewFromImage(moving))) if moving.GetNumberOfPixels() else 0.0
+    slices = {name: _view_slices(fixed, moving, result, fixed_labels, plane, moving_outside)
+              for name, plane in planes.items()}
+    fixed_window = _display_window([d["fixed"] for d in slices.values()], modality)
+    moving_window = _display_window([d["moving"] for d in slices.values()], modality)
 
+    fig, gs, fig_h = _figure_and_grid(list(planes.values()), dpi)
+    jac_image, grid_step_mm = None, 8.0
+    for row, (name, plane) in enumerate(planes.items()):
+        jac_image, grid_step_mm = _draw_view_row(fig, gs, row, name, plane, slices[name], fixed_window,
+                                                 moving_window)
+    _draw_legend(fig, gs, jac_image, grid_step_mm, fixed_labels is not None,
+                 modality == "ct" and fixed_window == CT_DISPLAY_WINDOW, fixed_window)
+    stats_line = _stats_line(result.stats or {})
+    head = title or "TextSCF registration QC"
+    fig.suptitle(head + ("\n" + stats_line if stats_line else ""), fontsize=11, y=1 - 0.12 / fig_h, va="top")
+
+    try:
+        fig.savefig(path_or_file, format="png", dpi=dpi, facecolor="white")
+    except OSError as exc:
+        raise OutputError(f"cannot write the QC figure to {path_or_file!r}: {exc}. "
+                          "Choose a writable location.") from exc
+
+
+_COLUMN_TITLES = ("Fixed", "Moving (no registration)", "Warped moving", "Checkerboard before\nfixed | moving",
+                  "Checkerboard after\nfixed | warped", "Jacobian determinant", "Deformation grid\n(in-plane)")
+
+
+def _checked_modality(modality: str) -> str:
     modality = str(modality).lower()
     if modality == "mr":
         modality = "mri"
     if modality not in ("ct", "mri"):
         raise InputError(f"unknown modality {modality!r}; choose 'ct' or 'mri'.")
+    return modality
+
+
+def _check_inputs(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult) -> None:
     for name, img in (("fixed", fixed), ("moving", moving), ("warped", result.warped),
                       ("jacobian", result.jacobian), ("displacement", result.displacement)):
         if not isinstance(img, sitk.Image) or img.GetDimension() != 3:
@@ -449,31 +480,32 @@ def render_qc_figure(fixed: sitk.Image, moving: sitk.Image, result: Registration
     if result.displacement.GetNumberOfComponentsPerPixel() != 3:
         raise InputError("the displacement must be a 3-component vector image (LPS mm).")
 
-    # ---- 2-D slices (display orientation) of every input
-    planes = view_planes(fixed, focus_point(fixed, fixed_labels))
-    moving_outside = float(np.min(sitk.GetArrayViewFromImage(moving))) if moving.GetNumberOfPixels() else 0.0
-    sl: dict[str, dict[str, Any]] = {}
-    for name, plane in planes.items():
-        d = {
-            "fixed": extract_view(fixed, plane, fixed).astype(np.float32),
-            "moving": extract_view(moving, plane, fixed, default_value=moving_outside).astype(np.float32),
-            "warped": extract_view(result.warped, plane, fixed, default_value=moving_outside).astype(np.float32),
-            "jac": extract_view(result.jacobian, plane, fixed, default_value=1.0).astype(np.float32),
-            "disp": _in_plane_displacement(extract_view(result.displacement, plane, fixed), fixed, plane),
-            "labels": (None if fixed_labels is None
-                       else extract_view(fixed_labels, plane, fixed, interpolator="nearest")),
-        }
-        sl[name] = d
-    fixed_window = _display_window([d["fixed"] for d in sl.values()], modality)
-    moving_window = _display_window([d["moving"] for d in sl.values()], modality)
 
-    # ---- layout: one row per view, heights following each view's physical aspect
-    col_titles = ("Fixed", "Moving (no registration)", "Warped moving", "Checkerboard before\nfixed | moving",
-                  "Checkerboard after\nfixed | warped", "Jacobian determinant", "Deformation grid\n(in-plane)")
-    n_cols = len(col_titles)
+def _view_slices(fixed: sitk.Image, moving: sitk.Image, result: RegistrationResult, fixed_labels: sitk.Image | None,
+                 plane: ViewPlane, moving_outside: float) -> dict[str, Any]:
+    """The 2-D slices (display orientation) of every input through one view plane of the fixed grid
+    (``moving_outside``: the moving and warped value outside the moving image)."""
+    return {
+        "fixed": extract_view(fixed, plane, fixed).astype(np.float32),
+        "moving": extract_view(moving, plane, fixed, default_value=moving_outside).astype(np.float32),
+        "warped": extract_view(result.warped, plane, fixed, default_value=moving_outside).astype(np.float32),
+        "jac": extract_view(result.jacobian, plane, fixed, default_value=1.0).astype(np.float32),
+        "disp": _in_plane_displacement(extract_view(result.displacement, plane, fixed), fixed, plane),
+        "labels": (None if fixed_labels is None
+                   else extract_view(fixed_labels, plane, fixed, interpolator="nearest")),
+    }
+
+
+def _figure_and_grid(planes: Sequence[ViewPlane], dpi: int):
+    """The figure and its grid: one row per view, heights following each view's physical aspect, and a legend
+    row; returns ``(figure, gridspec, figure height in inches)``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n_cols = len(_COLUMN_TITLES)
     panel_w = 2.35
     ratios = []
-    for plane in planes.values():
+    for plane in planes:
         r = (plane.n_rows * plane.row_spacing) / max(plane.n_cols * plane.col_spacing, 1e-9)
         ratios.append(float(np.clip(r, 0.25, 4.0)))
     left_in, right_in, top_in, legend_in, gap_in = 0.45, 0.1, 0.95, 0.75, 0.12
@@ -486,60 +518,70 @@ def render_qc_figure(fixed: sitk.Image, moving: sitk.Image, result: Registration
                           left=left_in / fig_w, right=1 - right_in / fig_w,
                           top=1 - top_in / fig_h, bottom=0.05 / fig_h,
                           wspace=gap_in / panel_w, hspace=gap_in / ((sum(rows_h) + legend_in - gap_in) / 4))
+    return fig, gs, fig_h
+
+
+def _draw_view_row(fig, gs, row: int, name: str, plane: ViewPlane, d: Mapping[str, Any],
+                   fixed_window: tuple[float, float], moving_window: tuple[float, float]):
+    """One view's row of panels; returns ``(the Jacobian image, for the colour bar; the grid line spacing, mm)``."""
+    f_n = _normalise(d["fixed"], fixed_window)
+    m_n = _normalise(d["moving"], moving_window)
+    w_n = _normalise(d["warped"], moving_window)
+    axes = [fig.add_subplot(gs[row, c]) for c in range(len(_COLUMN_TITLES))]
+    _show_gray(axes[0], f_n, plane)
+    _show_gray(axes[1], m_n, plane)
+    _show_gray(axes[2], w_n, plane)
+    outlines, outline_colours = _label_outlines(d["labels"])
+    for ax in axes[:3]:
+        _draw_lines(ax, outlines, outline_colours, 0.8)
+    _show_gray(axes[3], _checkerboard(f_n, m_n, plane), plane)
+    _show_gray(axes[4], _checkerboard(f_n, w_n, plane), plane)
+    jac_image = _draw_jacobian(axes[5], d["jac"], plane)
+    _show_gray(axes[6], f_n, plane, vmax=1.6)  # dimmed so that the grid stands out
+    grid_step_mm = _draw_grid(axes[6], d["disp"], plane)
+
+    _edge_letters(axes[0], name)
+    for ax in axes:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[0].set_ylabel(f"{name.capitalize()}\n{_INDEX_NAMES[plane.slice_axis]} = {plane.slice_index}", fontsize=9)
+    if row == 0:
+        for ax, t in zip(axes, _COLUMN_TITLES):
+            ax.set_title(t, fontsize=9)
+    return jac_image, grid_step_mm
+
+
+def _draw_jacobian(ax, jac: np.ndarray, plane: ViewPlane):
+    """The Jacobian determinant (``RdBu_r`` centred at 1 on [0, 2]) with its folds in lime, outlined and counted."""
+    import matplotlib
+    from matplotlib.colors import TwoSlopeNorm
 
     jac_norm = TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0)
     jac_cmap = matplotlib.colormaps["RdBu_r"].with_extremes(under=FOLD_COLOUR, over="#4d0013")
-    jac_image = None
-    grid_step_mm = 8.0
-    for row, (name, plane) in enumerate(planes.items()):
-        d = sl[name]
-        f_n = _normalise(d["fixed"], fixed_window)
-        m_n = _normalise(d["moving"], moving_window)
-        w_n = _normalise(d["warped"], moving_window)
-        axes = [fig.add_subplot(gs[row, c]) for c in range(n_cols)]
-        _show_gray(axes[0], f_n, plane)
-        _show_gray(axes[1], m_n, plane)
-        _show_gray(axes[2], w_n, plane)
-        outlines, outline_colours = _label_outlines(d["labels"])
-        for ax in axes[:3]:
-            _draw_lines(ax, outlines, outline_colours, 0.8)
-        _show_gray(axes[3], _checkerboard(f_n, m_n, plane), plane)
-        _show_gray(axes[4], _checkerboard(f_n, w_n, plane), plane)
+    folds = ~(jac > 0)  # J <= 0, and NaN (a broken field) as well
+    jac_show = np.where(folds, -1.0, jac)
+    image = ax.imshow(jac_show, cmap=jac_cmap, norm=jac_norm, aspect=plane.row_spacing / plane.col_spacing,
+                      interpolation="nearest", origin="upper")
+    n_fold = int(np.count_nonzero(folds))
+    # outline the folds too, so that single folded voxels stay visible after downsampling
+    _draw_lines(ax, _contour_lines(folds), FOLD_COLOUR, 1.6)
+    ax.text(0.02, 0.02, f"J\u22640: {n_fold} px" if n_fold else "no folds", transform=ax.transAxes,
+            fontsize=7, ha="left", va="bottom", color="black",
+            bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.75))
+    return image
 
-        jac = d["jac"]
-        folds = ~(jac > 0)  # J <= 0, and NaN (a broken field) as well
-        jac_show = np.where(folds, -1.0, jac)
-        jac_image = axes[5].imshow(jac_show, cmap=jac_cmap, norm=jac_norm, aspect=plane.row_spacing / plane.col_spacing,
-                                   interpolation="nearest", origin="upper")
-        n_fold = int(np.count_nonzero(folds))
-        # outline the folds too, so that single folded voxels stay visible after downsampling
-        _draw_lines(axes[5], _contour_lines(folds), FOLD_COLOUR, 1.6)
-        axes[5].text(0.02, 0.02, f"J\u22640: {n_fold} px" if n_fold else "no folds", transform=axes[5].transAxes,
-                     fontsize=7, ha="left", va="bottom", color="black",
-                     bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.75))
 
-        _show_gray(axes[6], f_n, plane, vmax=1.6)  # dimmed so that the grid stands out
-        grid_step_mm = _draw_grid(axes[6], d["disp"], plane)
-
-        _edge_letters(axes[0], name)
-        for ax in axes:
-            ax.set_xticks([])
-            ax.set_yticks([])
-        axes[0].set_ylabel(f"{name.capitalize()}\n{_INDEX_NAMES[plane.slice_axis]} = {plane.slice_index}",
-                           fontsize=9)
-        if row == 0:
-            for ax, t in zip(axes, col_titles):
-                ax.set_title(t, fontsize=9)
-
-    # ---- legend row
-    leg = [fig.add_subplot(gs[3, c]) for c in range(n_cols)]
+def _draw_legend(fig, gs, jac_image, grid_step_mm: float, contours: bool, ct_window: bool,
+                 fixed_window: tuple[float, float]) -> None:
+    """The legend row: the contours, the intensity window, the Jacobian colour bar and the grid spacing."""
+    leg = [fig.add_subplot(gs[3, c]) for c in range(len(_COLUMN_TITLES))]
     for ax in leg:
         ax.set_axis_off()
-    if fixed_labels is not None:
+    if contours:
         leg[0].text(0.0, 0.7, "contours: fixed label map", fontsize=8, transform=leg[0].transAxes, va="center")
     leg[3].text(0.0, 0.7, f"CT window {fixed_window[0]:g}..{fixed_window[1]:g} HU"
-                if modality == "ct" and fixed_window == CT_DISPLAY_WINDOW else
-                "intensity: robust percentiles", fontsize=8, transform=leg[3].transAxes, va="center")
+                if ct_window else "intensity: robust percentiles", fontsize=8, transform=leg[3].transAxes,
+                va="center")
     cax = leg[5].inset_axes([0.06, 0.62, 0.88, 0.2])
     cbar = fig.colorbar(jac_image, cax=cax, orientation="horizontal", extend="both", extendfrac=0.09,
                         ticks=[0.0, 0.5, 1.0, 1.5, 2.0])
@@ -547,13 +589,3 @@ def render_qc_figure(fixed: sitk.Image, moving: sitk.Image, result: Registration
     cbar.set_label("det J  (lime \u25c0 = fold, J \u2264 0)", fontsize=8, labelpad=2)
     leg[6].text(0.0, 0.7, f"grid: x \u2192 x + u(x), lines every {grid_step_mm:.3g} mm", fontsize=8,
                 transform=leg[6].transAxes, va="center", color="#b07800")
-
-    stats_line = _stats_line(result.stats or {})
-    head = title or "TextSCF registration QC"
-    fig.suptitle(head + ("\n" + stats_line if stats_line else ""), fontsize=11, y=1 - 0.12 / fig_h, va="top")
-
-    try:
-        fig.savefig(path_or_file, format="png", dpi=dpi, facecolor="white")
-    except OSError as exc:
-        raise OutputError(f"cannot write the QC figure to {path_or_file!r}: {exc}. "
-                          "Choose a writable location.") from exc
