@@ -538,6 +538,20 @@ def make_abdomen_phantom(
     dome = z0 + dz * np.sqrt(np.clip(1.0 - ((x - dcx) / da) ** 2 - ((y - dcy) / db) ** 2, 0.0, None))
     classes = _tissue_classes(shape, x, y, z, (cx, cy, a, b), _SPINE, dome, fields, _COLON)
 
+    labels = _place_organs(shape, grid, anat_axes, bumps, subj_rng, v)
+    organ = labels > 0
+    classes[organ] = _ORGAN0 + labels[organ]
+    # organs stay inside the body: nothing labelled in air
+    labels[classes == _T["air"]] = 0
+
+    image = _render_ct(classes, spacing, noise_rng, noise_sd)
+    return _to_sitk(image, spacing), _to_sitk(labels, spacing)
+
+
+def _place_organs(shape, grid: np.ndarray, anat_axes, bumps: np.ndarray, subj_rng: np.random.Generator,
+                  v: float) -> np.ndarray:
+    """``(I, J, K)`` uint8 BTCV labels: each organ of :data:`_ORGAN_SHAPES` moved, stretched and turned for this
+    subject (by ``v``, the variation) in the anatomy frame ``grid``, its surface roughened by ``bumps``."""
     labels = np.zeros(shape, np.uint8)
     index_axes = [np.asarray(ax) for ax in anat_axes]
     margin = 12.0 + v * 40.0  # room for the whole-body warp (4 mm sd) and shift (up to ~4 sd of 9 mm along z)
@@ -563,13 +577,7 @@ def make_abdomen_phantom(
         value = np.min([_primitive_value(prim, p_nom) for prim in prims], axis=0)
         inside = value < bumpiness * bumps[sl]
         labels[sl][inside] = label
-    organ = labels > 0
-    classes[organ] = _ORGAN0 + labels[organ]
-    # organs stay inside the body: nothing labelled in air
-    labels[classes == _T["air"]] = 0
-
-    image = _render_ct(classes, spacing, noise_rng, noise_sd)
-    return _to_sitk(image, spacing), _to_sitk(labels, spacing)
+    return labels
 
 
 def _to_sitk(array: np.ndarray, spacing) -> sitk.Image:
@@ -671,90 +679,16 @@ def synthesize_ct_from_labels(
     left/anterior/superior sense of each axis is read from the organs (BTCV arrays run right -> left,
     posterior -> anterior, inferior -> superior; their RAS headers do not say so); axial slices are along axis k.
     """
-    lab = np.asarray(labels)
-    if lab.ndim != 3:
-        raise InputError(f"labels have shape {lab.shape}; pass a 3-D (I, J, K) BTCV label map")
-    if not (np.issubdtype(lab.dtype, np.integer) or np.all(np.mod(lab, 1) == 0)):
-        raise InputError("labels are not integers; pass the label map itself, not an image")
-    lab = lab.astype(np.int16, copy=False)
-    shape, spacing = _check_grid(lab.shape, spacing)
-    present = np.unique(lab)
-    if present.min() < 0 or present.max() > 13:
-        raise InputError(
-            f"label values {present[(present < 0) | (present > 13)].tolist()} are not BTCV labels 0..13; "
-            "map the label map to the BTCV organ order first"
-        )
-    if present.max() == 0:
-        raise InputError("the label map has no organ (all zeros); pass a BTCV label map with organs")
-
+    lab, shape, spacing = _checked_btcv_labels(labels, spacing)
     flips = _orientation_flips(lab)
     view = lab[tuple(slice(None, None, -1) if f else slice(None) for f in flips)]
     sp = np.asarray(spacing)
     xs, ys, zs = ((np.arange(n) * s).astype(np.float32) for n, s in zip(shape, spacing))
     organ = view > 0
-
-    # per-slice organ extent (NaN where a slice has no organ), filled and enveloped along z
-    def extent(mask_2d: np.ndarray, coords: np.ndarray):
-        any_ = mask_2d.any(0)
-        first = np.where(any_, coords[np.argmax(mask_2d, 0)], np.nan)
-        last = np.where(any_, coords[len(coords) - 1 - np.argmax(mask_2d[::-1], 0)], np.nan)
-        return first, last
-
-    # slices with little organ (the liver dome, the esophagus alone) say little about the body: use the
-    # nearest slice with at least 30 % of the largest organ area instead
-    area = organ.sum((0, 1))
-    core = area >= 0.3 * area.max()
-
-    def fill(values: np.ndarray, valid=None) -> np.ndarray:
-        ok = np.isfinite(values) if valid is None else valid & np.isfinite(values)
-        return np.interp(zs, zs[ok], values[ok])
-
-    x_lo, x_hi = (fill(v, core) for v in extent(organ.any(1), xs))
-    y_lo, y_hi = (fill(v, core) for v in extent(organ.any(0), ys))
-    window = max(1, int(round(60.0 / sp[2])))
-    sigma_z = 20.0 / sp[2]
-    x_lo = ndimage.gaussian_filter1d(ndimage.minimum_filter1d(x_lo, 2 * window + 1), sigma_z, mode="nearest")
-    x_hi = ndimage.gaussian_filter1d(ndimage.maximum_filter1d(x_hi, 2 * window + 1), sigma_z, mode="nearest")
-    y_lo = ndimage.gaussian_filter1d(ndimage.minimum_filter1d(y_lo, 2 * window + 1), sigma_z, mode="nearest")
-    y_hi = ndimage.gaussian_filter1d(ndimage.maximum_filter1d(y_hi, 2 * window + 1), sigma_z, mode="nearest")
-
-    # spine behind the aorta (it lies left-anterior of the vertebral body); else behind the organ centre
-    aorta = view == 8
-    count = aorta.sum((0, 1)).astype(float)
-    if count.sum() > 0:
-        ok = count > 0
-        ax_ = np.where(ok, (aorta.sum(1) * xs[:, None]).sum(0) / np.maximum(count, 1), np.nan)
-        ay_ = np.where(ok, (aorta.sum(0) * ys[:, None]).sum(0) / np.maximum(count, 1), np.nan)
-        radius = np.where(ok, np.sqrt(count * sp[0] * sp[1] / np.pi), np.nan)
-        sx = fill(ax_) - 12.0
-        sy = fill(ay_) - fill(radius) - 20.0
-    else:
-        sx = (x_lo + x_hi) / 2
-        sy = y_lo + 25.0
-    sx = ndimage.gaussian_filter1d(sx, 25.0 / sp[2], mode="nearest")
-    sy = ndimage.gaussian_filter1d(sy, 25.0 / sp[2], mode="nearest")
-
-    anterior = y_hi + 32.0
-    posterior = np.minimum(y_lo - 45.0, sy - 95.0)
-    a = (x_hi - x_lo) / 2 + 34.0
-    b = (anterior - posterior) / 2
-    a = np.maximum(a, 0.85 * a.max())
-    b = np.maximum(b, 0.85 * b.max())
-    cx = (x_lo + x_hi) / 2
-    cy = (anterior + posterior) / 2
-
-    # diaphragm: the top of liver, spleen and stomach per column, spread to the columns without them
-    dome_mask = np.zeros(14, bool)
-    dome_mask[[1, 6, 7]] = True
-    dome_mask = dome_mask[view]
-    if dome_mask.any():
-        has = dome_mask.any(2)
-        top = np.where(has, zs[shape[2] - 1 - np.argmax(dome_mask[:, :, ::-1], 2)], np.nan)
-        nearest = ndimage.distance_transform_edt(~has, sampling=sp[:2], return_distances=False, return_indices=True)
-        top = top[tuple(nearest)]
-        dome = ndimage.gaussian_filter(top, sigma=15.0 / sp[:2], mode="nearest") + 4.0
-    else:
-        dome = np.full(shape[:2], zs[-1] + 1.0)
+    x_lo, x_hi, y_lo, y_hi = _organ_envelope(organ, xs, ys, zs, sp)
+    sx, sy = _spine_line(view, xs, ys, zs, sp, (x_lo + x_hi) / 2, y_lo + 25.0)
+    cx, cy, a, b = _body_ellipses(x_lo, x_hi, y_lo, y_hi, sy)
+    dome = _diaphragm(view, zs, sp)
     kidney_count = (view == 2).sum((0, 1)) + (view == 3).sum((0, 1))
     z_kidney = float((kidney_count * zs).sum() / kidney_count.sum()) if kidney_count.any() else float(zs.mean())
 
@@ -779,3 +713,100 @@ def synthesize_ct_from_labels(
     image = _render_ct(classes, spacing, rng, noise_sd)
     # back to the caller's axis order
     return np.ascontiguousarray(image[tuple(slice(None, None, -1) if f else slice(None) for f in flips)])
+
+
+def _checked_btcv_labels(labels: np.ndarray, spacing) -> tuple[np.ndarray, tuple[int, int, int], tuple]:
+    """``(labels as int16, shape, spacing)``; InputError unless a 3-D integer map of BTCV labels with an organ."""
+    lab = np.asarray(labels)
+    if lab.ndim != 3:
+        raise InputError(f"labels have shape {lab.shape}; pass a 3-D (I, J, K) BTCV label map")
+    if not (np.issubdtype(lab.dtype, np.integer) or np.all(np.mod(lab, 1) == 0)):
+        raise InputError("labels are not integers; pass the label map itself, not an image")
+    lab = lab.astype(np.int16, copy=False)
+    shape, spacing = _check_grid(lab.shape, spacing)
+    present = np.unique(lab)
+    if present.min() < 0 or present.max() > 13:
+        raise InputError(
+            f"label values {present[(present < 0) | (present > 13)].tolist()} are not BTCV labels 0..13; "
+            "map the label map to the BTCV organ order first"
+        )
+    if present.max() == 0:
+        raise InputError("the label map has no organ (all zeros); pass a BTCV label map with organs")
+    return lab, shape, spacing
+
+
+def _fill_along(zs: np.ndarray, values: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray:
+    """``values`` per axial slice with the NaN (and not ``valid``) slices filled from their neighbours."""
+    ok = np.isfinite(values) if valid is None else valid & np.isfinite(values)
+    return np.interp(zs, zs[ok], values[ok])
+
+
+def _extent(mask_2d: np.ndarray, coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """First and last coordinate of ``mask_2d``'s rows along its first axis, per slice (NaN where empty)."""
+    any_ = mask_2d.any(0)
+    first = np.where(any_, coords[np.argmax(mask_2d, 0)], np.nan)
+    last = np.where(any_, coords[len(coords) - 1 - np.argmax(mask_2d[::-1], 0)], np.nan)
+    return first, last
+
+
+def _organ_envelope(organ: np.ndarray, xs, ys, zs, sp) -> tuple[np.ndarray, ...]:
+    """``(x_lo, x_hi, y_lo, y_hi)`` mm per axial slice: the organs' extent, filled and enveloped along z."""
+    # slices with little organ (the liver dome, the esophagus alone) say little about the body: use the
+    # nearest slice with at least 30 % of the largest organ area instead
+    area = organ.sum((0, 1))
+    core = area >= 0.3 * area.max()
+    x_lo, x_hi = (_fill_along(zs, v, core) for v in _extent(organ.any(1), xs))
+    y_lo, y_hi = (_fill_along(zs, v, core) for v in _extent(organ.any(0), ys))
+    window = max(1, int(round(60.0 / sp[2])))
+    sigma_z = 20.0 / sp[2]
+    x_lo = ndimage.gaussian_filter1d(ndimage.minimum_filter1d(x_lo, 2 * window + 1), sigma_z, mode="nearest")
+    x_hi = ndimage.gaussian_filter1d(ndimage.maximum_filter1d(x_hi, 2 * window + 1), sigma_z, mode="nearest")
+    y_lo = ndimage.gaussian_filter1d(ndimage.minimum_filter1d(y_lo, 2 * window + 1), sigma_z, mode="nearest")
+    y_hi = ndimage.gaussian_filter1d(ndimage.maximum_filter1d(y_hi, 2 * window + 1), sigma_z, mode="nearest")
+    return x_lo, x_hi, y_lo, y_hi
+
+
+def _spine_line(view: np.ndarray, xs, ys, zs, sp, default_x: np.ndarray, default_y: np.ndarray):
+    """``(sx, sy)`` mm per axial slice: the spine behind the aorta (it lies left-anterior of the vertebral body);
+    without an aorta, at ``(default_x, default_y)``."""
+    aorta = view == 8
+    count = aorta.sum((0, 1)).astype(float)
+    if count.sum() > 0:
+        ok = count > 0
+        ax_ = np.where(ok, (aorta.sum(1) * xs[:, None]).sum(0) / np.maximum(count, 1), np.nan)
+        ay_ = np.where(ok, (aorta.sum(0) * ys[:, None]).sum(0) / np.maximum(count, 1), np.nan)
+        radius = np.where(ok, np.sqrt(count * sp[0] * sp[1] / np.pi), np.nan)
+        sx = _fill_along(zs, ax_) - 12.0
+        sy = _fill_along(zs, ay_) - _fill_along(zs, radius) - 20.0
+    else:
+        sx, sy = default_x, default_y
+    sx = ndimage.gaussian_filter1d(sx, 25.0 / sp[2], mode="nearest")
+    sy = ndimage.gaussian_filter1d(sy, 25.0 / sp[2], mode="nearest")
+    return sx, sy
+
+
+def _body_ellipses(x_lo, x_hi, y_lo, y_hi, sy) -> tuple[np.ndarray, ...]:
+    """``(cx, cy, a, b)`` per axial slice: the body ellipse around the organs (34 mm lateral and 32 mm anterior
+    margins, room for the spine and back muscles behind), never under 85 % of its largest size."""
+    anterior = y_hi + 32.0
+    posterior = np.minimum(y_lo - 45.0, sy - 95.0)
+    a = (x_hi - x_lo) / 2 + 34.0
+    b = (anterior - posterior) / 2
+    a = np.maximum(a, 0.85 * a.max())
+    b = np.maximum(b, 0.85 * b.max())
+    return (x_lo + x_hi) / 2, (anterior + posterior) / 2, a, b
+
+
+def _diaphragm(view: np.ndarray, zs, sp) -> np.ndarray:
+    """``(I, J)`` height (mm) of the diaphragm: the top of liver, spleen and stomach per column, spread to the
+    columns without them."""
+    dome_mask = np.zeros(14, bool)
+    dome_mask[[1, 6, 7]] = True
+    dome_mask = dome_mask[view]
+    if not dome_mask.any():
+        return np.full(view.shape[:2], zs[-1] + 1.0)
+    has = dome_mask.any(2)
+    top = np.where(has, zs[view.shape[2] - 1 - np.argmax(dome_mask[:, :, ::-1], 2)], np.nan)
+    nearest = ndimage.distance_transform_edt(~has, sampling=sp[:2], return_distances=False, return_indices=True)
+    top = top[tuple(nearest)]
+    return ndimage.gaussian_filter(top, sigma=15.0 / sp[:2], mode="nearest") + 4.0
