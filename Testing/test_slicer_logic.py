@@ -1363,3 +1363,23 @@ def test_segmentor_bundle_is_found_in_the_cache_once_downloaded(mod, tmp_path, m
     (folder / "models").mkdir(parents=True)
     (folder / "models" / "model.pt").write_bytes(b"weights")
     assert logic_class.cachedSegmentorBundle() == str(folder)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Memory: the clinical-size benchmark (benchmarks/slicer_logic_memory.py) on a small pair
+
+
+@needs_pipeline
+@pytest.mark.skipif(not _bundled_model_available(), reason="no bundled model in this installation yet")
+def test_memory_benchmark_runs_on_a_small_pair():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from benchmarks import slicer_logic_memory
+
+    result = slicer_logic_memory.measure(shape=(96, 96, 48), spacing=(4.0, 4.0, 6.0))
+    assert result["voxels"] == 96 * 96 * 48 and result["seconds"] > 0
+    assert result["grid_transform_scalar_type"] == "float"
+    # The engine's memory is its own process's; the Slicer side holds no torch (the engine imports it there).
+    assert 0 < result["slicer_peak_gib"] < result["engine_peak_gib"] <= result["budget_gib"]
+    assert result["within_budget"] and result["engine_seconds_per_stage"]["register"] >= 0

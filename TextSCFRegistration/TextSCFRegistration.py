@@ -1,8 +1,10 @@
 """TextSCF Registration: 3D Slicer scripted module.
 
 Deformable CT/MRI registration with spatially covariant filters driven by text prompts (textSCF). The module is a
-thin front end: every computation happens in the engine, ``textscf.pipeline.register``; this file converts MRML
-nodes to SimpleITK images and back, and presents the result (grid transform, warped volume, Jacobian map, table).
+thin front end: every computation happens in the engine, ``textscf.pipeline.register``, run in a process of its own
+(``python -m textscf.worker``) so that a crash or an out-of-memory there never takes Slicer and its scene with it, and
+Cancel ends it at any stage. This file holds the widget, the logic (the steps of a registration) and the self-test;
+the MRML conversions, output nodes, table and engine process are in ``TextSCFRegistrationLib/`` beside it.
 
 Conventions (see docs/ARCHITECTURE.md): the engine works in ITK LPS millimetres; Slicer in RAS, where
 ``(x, y, z)_RAS = (-x, -y, z)_LPS``. Displacements follow the resampling convention (a fixed point maps to a
@@ -1429,17 +1431,17 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         self.cancelRequested = True
 
     @staticmethod
-    def _resolveOptions(options):
+    def _optionsDict(options):
+        """The options as a dict of ``RegistrationOptions`` fields (the engine process checks them). A dict keeps
+        the Slicer side free of torch: ``textscf.pipeline`` is imported in the engine process only."""
         import dataclasses
 
-        from textscf.pipeline import RegistrationOptions
-
         if options is None:
-            return RegistrationOptions()
+            return {}
         if isinstance(options, dict):
-            return RegistrationOptions(**options)
+            return dict(options)
         if dataclasses.is_dataclass(options):
-            return options
+            return dataclasses.asdict(options)
         raise TypeError("options must be a RegistrationOptions, a dict of its fields, or None")
 
     def process(self, fixedVolumeNode, movingVolumeNode, options=None, fixedSegmentationNode=None,
@@ -1479,7 +1481,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         isCancelled = lambda: bool(self.cancelRequested or (cancelCallback is not None and cancelCallback()))  # noqa
         scene = self._checkInputNodes(fixedVolumeNode, movingVolumeNode)
         report(_("Reading inputs"), 0.0)
-        inputs = self._engineInputs(self._resolveOptions(options), fixedVolumeNode, movingVolumeNode,
+        inputs = self._engineInputs(self._optionsDict(options), fixedVolumeNode, movingVolumeNode,
                                     fixedSegmentationNode, movingSegmentationNode, initialTransformNode)
         if isCancelled():
             raise CancelledError("registration cancelled before it started")
@@ -1533,35 +1535,30 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
                       movingSegmentationNode, initialTransformNode):
         """What the engine process gets besides the two volumes: options, label maps, initial transform and the
         automatic segmentation settings. The regions are the options' (preset or list), else the segments'."""
-        import dataclasses
-
-        names, values = options.region_names, options.label_values
-        if names is None and options.preset:
+        names, values = options.get("region_names"), options.get("label_values")
+        if names is None and options.get("preset"):
             from textscf.presets import load_preset
 
-            preset = load_preset(options.preset)
+            preset = load_preset(options["preset"])
             names, values = list(preset.region_names), list(preset.label_values)
-        inputs = _EngineInputs()
+        inputs = _EngineInputs(options=options)
         if fixedSegmentationNode is not None:
             inputs.fixedLabels, names, values = self.labelImageFromNode(fixedSegmentationNode, fixedVolumeNode,
                                                                         names, values)
         if movingSegmentationNode is not None:
             inputs.movingLabels, names, values = self.labelImageFromNode(movingSegmentationNode, movingVolumeNode,
                                                                          names, values)
-        if fixedSegmentationNode is None and options.segmentor_weights:
+        if fixedSegmentationNode is None and options.get("segmentor_weights"):
             if names is None:
                 from textscf.segmentation import btcv_bundle_region_names
 
                 names = btcv_bundle_region_names()
                 values = list(range(1, len(names) + 1))
             inputs.segment = {"images": ["fixed"] + ([] if movingSegmentationNode is not None else ["moving"]),
-                              "weights": str(options.segmentor_weights),
-                              "feature_size": int(options.segmentor_feature_size),
                               "settings": dict(self.segmentorSettings), "region_names": list(names),
                               "label_values": [int(v) for v in values]}
-        if options.region_names is None and options.preset is None and names is not None:
-            options = dataclasses.replace(options, region_names=list(names), label_values=list(values))
-        inputs.options = dataclasses.asdict(options)
+        if options.get("region_names") is None and not options.get("preset") and names is not None:
+            options.update(region_names=list(names), label_values=[int(v) for v in values])
         if initialTransformNode is not None:
             inputs.initialTransform = self.transformNodeToSitk(initialTransformNode, fixedVolumeNode)
         return inputs
@@ -1710,10 +1707,13 @@ class _EngineInputs:
 
 def _progressReporter(progressCallback):
     """``report(stage, fraction, secondsLeft=None)``: clamps the fraction and calls ``progressCallback`` with the
-    seconds left when it takes them (``textscf.pipeline.takes_seconds_left``)."""
-    from textscf.pipeline import takes_seconds_left
+    seconds left when it takes them (``textscf.pipeline.takes_seconds_left``; imported only with a callback, as
+    ``textscf.pipeline`` imports torch)."""
+    withSeconds = False
+    if progressCallback is not None:
+        from textscf.pipeline import takes_seconds_left
 
-    withSeconds = progressCallback is not None and takes_seconds_left(progressCallback)
+        withSeconds = takes_seconds_left(progressCallback)
 
     def report(stage, fraction, secondsLeft=None):
         logging.debug("TextSCF: %s (%.0f%%)", stage, 100 * fraction)

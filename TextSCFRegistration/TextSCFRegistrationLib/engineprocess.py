@@ -66,6 +66,17 @@ def pythonExecutable():
     return sys.executable
 
 
+def temporaryFolder():
+    """Where job folders go: Slicer's temporary folder in the application (Application Settings), else the system's.
+    A 512 x 512 x 300 CT pair needs about 2.5 GB there while it runs."""
+    import slicer
+
+    if hasattr(slicer, "app"):
+        os.makedirs(slicer.app.temporaryPath, exist_ok=True)
+        return slicer.app.temporaryPath
+    return None
+
+
 class EngineJob:
     """One run of the engine process. Use as a context manager: the job folder is removed at the end.
 
@@ -73,7 +84,7 @@ class EngineJob:
     """
 
     def __init__(self, keepFolder=False):
-        self.folder = tempfile.mkdtemp(prefix="TextSCF-job-")
+        self.folder = tempfile.mkdtemp(prefix="TextSCF-job-", dir=temporaryFolder())
         self.keepFolder = keepFolder
         self.job = {"output": "output"}
         self.process = None

@@ -10,9 +10,9 @@ The job file (JSON; paths relative to the job file's folder)::
      "fixed_labels": null, "moving_labels": null,             # label maps (the regions' label values), optional
      "initial_transform": null,                               # an ITK transform file, optional
      "options": {...},                                        # textscf.pipeline.RegistrationOptions fields
-     "segment": null,                                         # or {"images": ["fixed", "moving"], "weights": ...,
-                                                              #     "feature_size": 48, "settings": {...},
-                                                              #     "region_names": [...], "label_values": [...]}
+     "segment": null,                                         # or {"images": ["fixed", "moving"], "settings": {...},
+                                                              #     "region_names": [...], "label_values": [...]}:
+                                                              # segment with options.segmentor_weights (SwinUNETR)
      "output": "output"}                                      # folder to create (must not exist)
 
 Standard output carries only JSON lines (everything else the engine prints goes to standard error)::
@@ -112,11 +112,13 @@ def read_transform(folder: Path, name: str | None):
     return transform.Downcast() if hasattr(transform, "Downcast") else transform
 
 
-def segment_images(images, settings: dict, progress) -> list:
-    """Segment images with SwinUNETR (MONAI's BTCV classes); one label map per image, with the regions' values.
+def segment_images(images, segment: dict, options, progress) -> list:
+    """Segment images with SwinUNETR (MONAI's BTCV classes, ``options.segmentor_weights``); one label map per image,
+    with the regions' values.
 
-    Each class named as a region (aliases resolved) gets the region's label value (``settings["label_values"]``),
-    other classes are background, regions the network does not segment stay empty.
+    Each class named as a region (aliases resolved) gets the region's label value (``segment["label_values"]``),
+    other classes are background, regions the network does not segment stay empty. ``segment["settings"]``: more
+    keyword arguments of ``SwinUNETRSegmentor`` (roi_size, target_spacing, overlap, ...).
     """
     import numpy as np
     import SimpleITK as sitk
@@ -128,12 +130,12 @@ def segment_images(images, settings: dict, progress) -> list:
     classes = btcv_bundle_region_names()
     lookup = np.zeros(len(classes) + 1, np.int32)
     for index, class_name in enumerate(classes, start=1):
-        for name, value in zip(settings["region_names"], settings["label_values"]):
+        for name, value in zip(segment["region_names"], segment["label_values"]):
             if same_region(name, class_name):
                 lookup[index] = int(value)
-    device, _note = select_device(settings.get("device", "auto"))
-    segmentor = SwinUNETRSegmentor(settings["weights"], classes, feature_size=int(settings.get("feature_size", 48)),
-                                   device=str(device), **dict(settings.get("settings") or {}))
+    device, _note = select_device(options.device)
+    segmentor = SwinUNETRSegmentor(options.segmentor_weights, classes, feature_size=options.segmentor_feature_size,
+                                   device=str(device), **dict(segment.get("settings") or {}))
     labels = []
     for number, (role, image) in enumerate(images):
         progress(f"Segmenting the {role} image", number / len(images))
@@ -189,8 +191,7 @@ def run(job_path: str | os.PathLike, channel: Channel) -> None:
     if segment:
         start = 0.1
         images = [(role, {"fixed": fixed, "moving": moving}[role]) for role in segment["images"]]
-        labels = segment_images(images, dict(segment, device=options.device),
-                                lambda stage, f: channel.progress(stage, start * f))
+        labels = segment_images(images, segment, options, lambda stage, f: channel.progress(stage, start * f))
         segmentations = dict(zip(segment["images"], labels))
         fixed_labels = segmentations.get("fixed", fixed_labels)
         moving_labels = segmentations.get("moving", moving_labels)

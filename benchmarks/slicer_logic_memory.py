@@ -1,0 +1,193 @@
+"""Peak memory and time of the Slicer logic (``TextSCFRegistrationLogic.process``) on a clinical-size CT pair.
+
+Headless (slicer-core: a real MRML scene, no Qt), as a script or a test uses the logic. The pair is synthesised
+straight into the two volume nodes' buffers, one slice at a time (int16 HU, 512 x 512 x 300 voxels of
+0.78 x 0.78 x 1.5 mm by default: a body ellipse with fat, muscle, spine, liver, spleen and kidneys; the moving image
+has the organs moved and the body narrowed, as breathing and posture do). The registration is the bundled network
+alone (``refine_iterations=0``), no regions, on the CPU: what Apply runs with "Refine" set to 0.
+
+Measured (Linux ``/proc`` and ``getrusage``):
+
+- Slicer side: this process's peak resident memory during ``process()`` (``VmHWM``, reset just before by writing
+  ``5`` to ``/proc/self/clear_refs``) and its resident memory before (the scene with the two volumes);
+- engine process: its peak resident memory (``getrusage(RUSAGE_CHILDREN).ru_maxrss``, the largest waited-for child);
+- both together: the largest sum of the two resident sizes, sampled every 50 ms while the engine runs;
+- time: wall seconds of ``process()`` and the engine's seconds per stage.
+
+Usage::
+
+    python benchmarks/slicer_logic_memory.py                       # 512 x 512 x 300 (a few minutes, ~8 GB free RAM)
+    python benchmarks/slicer_logic_memory.py --shape 128,128,80    # quick
+    python benchmarks/slicer_logic_memory.py --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import resource
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+GIB = 1024 ** 3
+BUDGET_BYTES = 8 * GIB
+MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"
+
+
+def _status_bytes(key: str, pid: int | str = "self") -> int | None:
+    """A ``/proc/<pid>/status`` memory field (``VmHWM``, ``VmRSS``) in bytes, or None when unreadable."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def _ellipse(shape2d, spacing, centre_mm, radii_mm):
+    """Boolean mask of an ellipse in one axial slice (``[j, i]``)."""
+    j, i = np.ogrid[: shape2d[0], : shape2d[1]]
+    x = (i * spacing[0] - centre_mm[0]) / radii_mm[0]
+    y = (j * spacing[1] - centre_mm[1]) / radii_mm[1]
+    return x * x + y * y <= 1.0
+
+
+def _organs(moving: bool):
+    """(HU, centre x/y/z mm, radii mm) of the synthetic organs; the moving subject's are shifted and resized."""
+    d = np.array([6.0, -4.0, 9.0]) if moving else np.zeros(3)
+    s = 0.93 if moving else 1.0
+    return [
+        (60, np.array([120.0, 190.0, 260.0]) + d, np.array([85.0, 70.0, 90.0]) * s),    # liver
+        (45, np.array([300.0, 200.0, 280.0]) + d * 1.5, np.array([40.0, 35.0, 50.0]) * s),  # spleen
+        (150, np.array([150.0, 260.0, 180.0]) + d * 0.5, np.array([25.0, 22.0, 45.0])),  # right kidney
+        (150, np.array([250.0, 260.0, 185.0]) + d * 0.5, np.array([25.0, 22.0, 45.0])),  # left kidney
+        (400, np.array([200.0, 290.0, 225.0]), np.array([16.0, 16.0, 400.0])),           # spine
+    ]
+
+
+def fill_ct(volume_node, shape, spacing, moving: bool, seed: int) -> None:
+    """Synthesise a CT into the node's own int16 buffer, slice by slice (no full-size temporary)."""
+    import vtk
+    from vtk.util import numpy_support as vtk_np
+
+    image = vtk.vtkImageData()
+    image.SetDimensions(*shape)
+    image.AllocateScalars(vtk.VTK_SHORT, 1)
+    voxels = vtk_np.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(shape[2], shape[1], shape[0])
+    rng = np.random.default_rng(seed)
+    body_radii = np.array([170.0 * (0.95 if moving else 1.0), 120.0])
+    centre = np.array([shape[0] * spacing[0] / 2, shape[1] * spacing[1] / 2])
+    for k in range(shape[2]):
+        z = k * spacing[2]
+        plane = np.full((shape[1], shape[0]), -1000.0, np.float32)
+        plane[_ellipse(plane.shape, spacing, centre, body_radii)] = -90.0                # fat
+        plane[_ellipse(plane.shape, spacing, centre, body_radii - 15.0)] = 40.0         # muscle and organs' bed
+        for hu, c, r in _organs(moving):
+            if abs(z - c[2]) < r[2]:
+                scale = np.sqrt(1.0 - ((z - c[2]) / r[2]) ** 2)
+                plane[_ellipse(plane.shape, spacing, c[:2], r[:2] * scale)] = hu
+        plane += rng.normal(0.0, 15.0, plane.shape).astype(np.float32)
+        voxels[k] = np.clip(plane, -1024, 3000).astype(np.int16)
+    volume_node.SetAndObserveImageData(image)
+    volume_node.SetSpacing(*spacing)
+    volume_node.SetOrigin(-shape[0] * spacing[0] / 2, -shape[1] * spacing[1] / 2, -shape[2] * spacing[2] / 2)
+
+
+class _PairSampler(threading.Thread):
+    """Samples the resident memory of this process plus the running engine process every 50 ms."""
+
+    def __init__(self, logic):
+        super().__init__(daemon=True)
+        self.logic, self.peak_sum, self.stop = logic, 0, threading.Event()
+
+    def run(self):
+        while not self.stop.wait(0.05):
+            job = self.logic.job
+            process = job.process if job is not None else None
+            child = _status_bytes("VmRSS", process.pid) if process is not None else None
+            self.peak_sum = max(self.peak_sum, (_status_bytes("VmRSS") or 0) + (child or 0))
+
+
+def measure(shape=(512, 512, 300), spacing=(0.78, 0.78, 1.5), threads: int = 1) -> dict:
+    import slicer
+
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    spec = importlib.util.spec_from_file_location("TextSCFRegistration", MODULE_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    scene = slicer.vtkMRMLScene()
+    fixed = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "fixed CT")
+    moving = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "moving CT")
+    fill_ct(fixed, shape, spacing, moving=False, seed=0)
+    fill_ct(moving, shape, spacing, moving=True, seed=1)
+    logic = module.TextSCFRegistrationLogic(scene=scene)
+    options = {"preset": "abdomen-ct", "device": "cpu", "init": "center", "refine_iterations": 0,
+               "refine_field_iterations": 0}
+
+    rss_before = _status_bytes("VmRSS")
+    _reset_peak()
+    sampler = _PairSampler(logic)
+    sampler.start()
+    start = time.perf_counter()
+    nodes = logic.process(fixed, moving, options)
+    seconds = time.perf_counter() - start
+    sampler.stop.set()
+    sampler.join()
+    slicer_peak = _status_bytes("VmHWM")
+    engine_peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    grid = nodes["outputTransformNode"].GetTransformFromParent().GetDisplacementGrid()
+    result = {
+        "shape": list(shape), "spacing": list(spacing), "voxels": int(np.prod(shape)),
+        "seconds": round(seconds, 1),
+        "engine_seconds_per_stage": logic.lastResult.stats.get("seconds_per_stage"),
+        "slicer_rss_before_gib": round(rss_before / GIB, 2) if rss_before else None,
+        "slicer_peak_gib": round(slicer_peak / GIB, 2) if slicer_peak else None,
+        "engine_peak_gib": round(engine_peak / GIB, 2),
+        "both_peak_gib": round(sampler.peak_sum / GIB, 2),
+        "grid_transform_scalar_type": grid.GetPointData().GetScalars().GetDataTypeAsString(),
+        "budget_gib": BUDGET_BYTES / GIB,
+    }
+    result["within_budget"] = max(result["both_peak_gib"], result["engine_peak_gib"],
+                                  result["slicer_peak_gib"] or 0) <= result["budget_gib"]
+    return result
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="512,512,300", help="I,J,K voxels (default 512,512,300)")
+    parser.add_argument("--spacing", default="0.78,0.78,1.5", help="mm (default 0.78,0.78,1.5)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", help="also write the numbers to this file")
+    args = parser.parse_args(argv)
+    result = measure(tuple(int(v) for v in args.shape.split(",")), tuple(float(v) for v in args.spacing.split(",")),
+                     args.threads)
+    print(f"Slicer logic, {'x'.join(map(str, result['shape']))} CT pair, network alone (refine 0), CPU: "
+          f"{result['seconds']} s; peak RSS: Slicer side {result['slicer_peak_gib']} GiB (before "
+          f"{result['slicer_rss_before_gib']} GiB), engine process {result['engine_peak_gib']} GiB, both together "
+          f"{result['both_peak_gib']} GiB (budget {result['budget_gib']:.0f} GiB: "
+          f"{'within' if result['within_budget'] else 'OVER'}); grid transform {result['grid_transform_scalar_type']}")
+    print("engine seconds per stage:", json.dumps(result["engine_seconds_per_stage"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
