@@ -1345,85 +1345,21 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         import importlib.util
 
-        from textscf import schedule as plans
-        from textscf.presets import load_preset, model_rows
-
-        options = dict(options or {})
-        device = "cuda" if (options.get("device", "auto") != "cpu" and self.cudaAvailable()) else "cpu"
-        deviceLabel = _("the GPU") if device == "cuda" else _("the CPU")
-        preset = load_preset(options["preset"]) if options.get("preset") else None
-        names = options.get("region_names") or (list(preset.region_names) if preset else None)
-        plan = {"switched": False, "options": options, "message": "", "estimatedSeconds": None}
-
-        def fixedSize():
-            if fixedVolumeNode is None or fixedVolumeNode.GetImageData() is None:
-                return None
-            return fixedVolumeNode.GetImageData().GetDimensions()
-
-        def steps():
-            """(network, field) steps of the options: None = the default schedule (automatic); absent =
-            RegistrationOptions' default, no refinement."""
-            return options.get("refine_iterations", 0), options.get("refine_field_iterations", 0)
-
-        def schedule(network, grid):
-            """The engine's schedule for this network and grid, with the steps of the options when they are set."""
-            return plans.with_steps(plans.default_schedule(network, grid, device), *steps())
-
-        def describeFresh(prefix):
-            size = fixedSize()
-            factor = options.get("fresh_grid_factor")
-            grid = None if size is None else (plans.fresh_grid_for(size, device) if factor is None
-                                              else plans.fresh_grid_shape(size, float(factor)))
-            chosen = schedule("fresh", grid or (16, 16, 16))
-            text = prefix + _("a fresh network refined on this pair: {0} + {1} iterations").format(
-                chosen.network_steps, chosen.field_steps)
-            if grid is not None:
-                plan["estimatedSeconds"] = chosen.estimated_seconds
-                text += _(", {0} on {1}").format(plans.describe_duration(chosen.estimated_seconds), deviceLabel)
-            return text + "."
-
-        checkpoint = options.get("checkpoint")
+        plan = _ModelPlan(options, fixedVolumeNode, "cuda" if (
+            (options or {}).get("device", "auto") != "cpu" and self.cudaAvailable()) else "cpu")
+        checkpoint = plan.options.get("checkpoint")
         if str(checkpoint or "").lower() == "fresh":
-            if steps()[0] is None or int(steps()[0]) > 0:
-                plan["message"] = describeFresh(_("Model: "))
-            else:
-                plan["message"] = _("A fresh network must be refined on the pair: set 'Refine on this pair' above 0.")
-            return plan
+            return plan.fresh()
         if torchAvailable is None:
             torchAvailable = importlib.util.find_spec("torch") is not None
         if not torchAvailable:
-            plan["message"] = _("The model is checked against the regions on Apply, once PyTorch is installed.")
-            return plan
+            return plan.result(_("The model is checked against the regions on Apply, once PyTorch is installed."))
         config = self.modelConfig(checkpoint)
         modelName = _("the bundled model") if not checkpoint else _("the chosen model")
-        problems = []
-        if config.get("text_encoder", "onehot") == "onehot" and names is not None:
-            _rows, unknown = model_rows(config.get("region_names", []), names)
-            if unknown:
-                shown = ", ".join(unknown[:4]) + (_(" and {0} more").format(len(unknown) - 4) if len(unknown) > 4
-                                                  else "")
-                problems.append(_("{0} knows only its {1} training regions (one-hot prompts), not {2}").format(
-                    modelName, len(config.get("region_names", [])), shown))
-        if preset is not None and config.get("modality") and preset.modality != config["modality"]:
-            problems.append(_("{0} was trained on {1}, not {2}").format(
-                modelName, config["modality"].upper(), preset.modality.upper()))
-        if not problems:
-            if config.get("input_shape"):
-                chosen = schedule("checkpoint", config["input_shape"])
-                if chosen.steps > 0:
-                    plan["estimatedSeconds"] = chosen.estimated_seconds
-                    plan["message"] = _("Model: {0}, refined on this pair ({1} + {2} iterations, {3} on {4}).").format(
-                        modelName, chosen.network_steps, chosen.field_steps,
-                        plans.describe_duration(chosen.estimated_seconds), deviceLabel)
-            return plan
-        requested, requestedField = steps()
-        options.update(checkpoint="fresh",
-                       refine_iterations=max(int(requested or 0), plans.FRESH_NETWORK_STEPS),
-                       refine_field_iterations=max(int(requestedField or 0), plans.FRESH_FIELD_STEPS))
-        plan["switched"] = True
-        plan["message"] = describeFresh("; ".join(problems)[:1].upper() + "; ".join(problems)[1:]
-                                        + _(". Apply will use "))
-        return plan
+        problems = plan.problems(config, modelName)
+        if problems:
+            return plan.switchToFresh(problems)
+        return plan.withModel(config, modelName)
 
     # -- registration -------------------------------------------------------------------------------------------------
 
@@ -1703,6 +1639,101 @@ class _EngineInputs:
     movingLabels: object = None
     initialTransform: object = None
     segment: dict = None
+
+
+class _ModelPlan:
+    """The pieces of ``TextSCFRegistrationLogic.modelPlan``: the options, the device, the fixed volume's size."""
+
+    def __init__(self, options, fixedVolumeNode, device):
+        from textscf.presets import load_preset
+
+        self.options = dict(options or {})
+        self.device = device
+        self.deviceLabel = _("the GPU") if device == "cuda" else _("the CPU")
+        self.preset = load_preset(self.options["preset"]) if self.options.get("preset") else None
+        self.names = self.options.get("region_names") or (list(self.preset.region_names) if self.preset else None)
+        imageData = fixedVolumeNode.GetImageData() if fixedVolumeNode is not None else None
+        self.fixedSize = imageData.GetDimensions() if imageData is not None else None
+        self.estimatedSeconds = None
+
+    def result(self, message="", switched=False):
+        return {"switched": switched, "options": self.options, "message": message,
+                "estimatedSeconds": self.estimatedSeconds}
+
+    def steps(self):
+        """(network, field) steps of the options: None = the default schedule (automatic); absent =
+        RegistrationOptions' default, no refinement."""
+        return self.options.get("refine_iterations", 0), self.options.get("refine_field_iterations", 0)
+
+    def schedule(self, network, grid):
+        """The engine's schedule for this network and grid, with the steps of the options when they are set."""
+        from textscf import schedule as plans
+
+        return plans.with_steps(plans.default_schedule(network, grid, self.device), *self.steps())
+
+    def describeFresh(self, prefix):
+        from textscf import schedule as plans
+
+        factor = self.options.get("fresh_grid_factor")
+        grid = None if self.fixedSize is None else (
+            plans.fresh_grid_for(self.fixedSize, self.device) if factor is None
+            else plans.fresh_grid_shape(self.fixedSize, float(factor)))
+        chosen = self.schedule("fresh", grid or (16, 16, 16))
+        text = prefix + _("a fresh network refined on this pair: {0} + {1} iterations").format(
+            chosen.network_steps, chosen.field_steps)
+        if grid is not None:
+            self.estimatedSeconds = chosen.estimated_seconds
+            text += _(", {0} on {1}").format(plans.describe_duration(chosen.estimated_seconds), self.deviceLabel)
+        return text + "."
+
+    def fresh(self):
+        """The plan when a fresh network is asked for by name."""
+        network = self.steps()[0]
+        if network is None or int(network) > 0:
+            return self.result(self.describeFresh(_("Model: ")))
+        return self.result(_("A fresh network must be refined on the pair: set 'Refine on this pair' above 0."))
+
+    def problems(self, config, modelName):
+        """Why the model cannot register these regions (unknown regions of a one-hot model, another modality)."""
+        from textscf.presets import model_rows
+
+        problems = []
+        if config.get("text_encoder", "onehot") == "onehot" and self.names is not None:
+            _rows, unknown = model_rows(config.get("region_names", []), self.names)
+            if unknown:
+                shown = ", ".join(unknown[:4]) + (_(" and {0} more").format(len(unknown) - 4) if len(unknown) > 4
+                                                  else "")
+                problems.append(_("{0} knows only its {1} training regions (one-hot prompts), not {2}").format(
+                    modelName, len(config.get("region_names", [])), shown))
+        if self.preset is not None and config.get("modality") and self.preset.modality != config["modality"]:
+            problems.append(_("{0} was trained on {1}, not {2}").format(
+                modelName, config["modality"].upper(), self.preset.modality.upper()))
+        return problems
+
+    def withModel(self, config, modelName):
+        """The plan with the chosen model: its refinement schedule and expected time, when it refines."""
+        from textscf import schedule as plans
+
+        if not config.get("input_shape"):
+            return self.result()
+        chosen = self.schedule("checkpoint", config["input_shape"])
+        if chosen.steps <= 0:
+            return self.result()
+        self.estimatedSeconds = chosen.estimated_seconds
+        return self.result(_("Model: {0}, refined on this pair ({1} + {2} iterations, {3} on {4}).").format(
+            modelName, chosen.network_steps, chosen.field_steps, plans.describe_duration(chosen.estimated_seconds),
+            self.deviceLabel))
+
+    def switchToFresh(self, problems):
+        """The plan that replaces the model by a fresh network refined on the pair (at least the fresh schedule)."""
+        from textscf import schedule as plans
+
+        requested, requestedField = self.steps()
+        self.options.update(checkpoint="fresh",
+                            refine_iterations=max(int(requested or 0), plans.FRESH_NETWORK_STEPS),
+                            refine_field_iterations=max(int(requestedField or 0), plans.FRESH_FIELD_STEPS))
+        text = "; ".join(problems)
+        return self.result(self.describeFresh(text[:1].upper() + text[1:] + _(". Apply will use ")), switched=True)
 
 
 def _progressReporter(progressCallback):
