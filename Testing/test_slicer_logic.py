@@ -1057,6 +1057,21 @@ def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(log
 
 
 @needs_pipeline
+def test_an_engine_error_keeps_its_class_and_message_and_leaves_the_scene_unchanged(logic, scene, example_pair,
+                                                                                    tmp_path):
+    """The engine process refuses the job (a checkpoint that does not exist): its one-line JSON error becomes the
+    same TextSCFError subclass on the Slicer side, with the engine's message; no node, no job folder remains."""
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    before = node_ids(scene)
+    missing = tmp_path / "no-such-model.pt"
+    with pytest.raises(CheckpointError, match="no-such-model.pt"):
+        logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                      {"checkpoint": str(missing), "device": "cpu", "preset": "abdomen-ct"})
+    assert node_ids(scene) == before
+    assert logic.job.process is None and not os.path.exists(logic.job.folder)
+
+
+@needs_pipeline
 def test_process_with_regions_from_the_segment_names(logic, scene, example_pair, tiny_checkpoint):
     """No preset, no region list: the fixed segmentation's segment names are the prompts."""
     pair = logic.loadExamplePair(scene, pair=example_pair)
