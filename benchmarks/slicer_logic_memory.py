@@ -14,10 +14,19 @@ Measured (Linux ``/proc`` and ``getrusage``):
 - both together: the largest sum of the two resident sizes, sampled every 50 ms while the engine runs;
 - time: wall seconds of ``process()`` and the engine's seconds per stage.
 
+Side by side (``--field``): the displacement field of that grid reaching the grid transform node, each way in a fresh
+process, as the extra peak memory over the field's input (``VmHWM`` minus ``VmRSS`` before the call):
+
+- ``previous``: the module before the engine process (a float64 copy of the SimpleITK field, its sign-flipped copy,
+  a VTK deep copy), reproduced here as it was;
+- ``now, engine file``: the engine process's float32 raw NRRD read straight into the grid's buffer, flipped in place;
+- ``now, SimpleITK image``: ``setGridTransformFromDisplacement`` given an in-memory float64 field (one copy: the grid).
+
 Usage::
 
     python benchmarks/slicer_logic_memory.py                       # 512 x 512 x 300 (a few minutes, ~8 GB free RAM)
     python benchmarks/slicer_logic_memory.py --shape 128,128,80    # quick
+    python benchmarks/slicer_logic_memory.py --field               # the field -> transform comparison (~10 GB free)
     python benchmarks/slicer_logic_memory.py --json out.json
 """
 from __future__ import annotations
@@ -168,15 +177,105 @@ def measure(shape=(512, 512, 300), spacing=(0.78, 0.78, 1.5), threads: int = 1) 
     return result
 
 
+def _previous_set_grid_transform(transform_node, displacement):
+    """The module's conversion before this benchmark's change (kept here only as the baseline)."""
+    import SimpleITK as sitk
+    import slicer
+    import vtk
+    from vtk.util import numpy_support as vtk_np
+
+    lps_to_ras = np.diag([-1.0, -1.0, 1.0])
+    vectors_lps = sitk.GetArrayFromImage(displacement).astype(np.float64)
+    vectors_ras = vectors_lps * np.array([-1.0, -1.0, 1.0])
+    grid = vtk.vtkImageData()
+    grid.SetDimensions(*[int(s) for s in displacement.GetSize()])
+    grid.SetSpacing(*displacement.GetSpacing())
+    grid.SetOrigin(*(lps_to_ras @ np.array(displacement.GetOrigin())))
+    vectors = vtk_np.numpy_to_vtk(np.ascontiguousarray(vectors_ras.reshape(-1, 3)), deep=True,
+                                  array_type=vtk.VTK_DOUBLE)
+    vectors.SetNumberOfComponents(3)
+    grid.GetPointData().SetScalars(vectors)
+    direction_ras = lps_to_ras @ np.array(displacement.GetDirection()).reshape(3, 3)
+    matrix = vtk.vtkMatrix4x4()
+    for r in range(3):
+        for c in range(3):
+            matrix.SetElement(r, c, direction_ras[r, c])
+    grid_transform = slicer.vtkOrientedGridTransform()
+    grid_transform.SetDisplacementGridData(grid)
+    grid_transform.SetGridDirectionMatrix(matrix)
+    grid_transform.SetInterpolationModeToLinear()
+    transform_node.SetAndObserveTransformFromParent(grid_transform)
+
+
+def _field_child(method: str, shape, field_path: str) -> None:
+    """In a fresh process: load the field as the method gets it, then measure the conversion's extra peak."""
+    import SimpleITK as sitk
+    import slicer
+
+    sys.path.insert(0, str(MODULE_PATH.parent))
+    from TextSCFRegistrationLib import conversions
+
+    field = field_path if method == "now, engine file" else sitk.ReadImage(field_path, sitk.sitkVectorFloat64)
+    node = slicer.vtkMRMLScene().AddNewNodeByClass("vtkMRMLGridTransformNode", "field")
+    before = _status_bytes("VmRSS")
+    _reset_peak()
+    start = time.perf_counter()
+    if method == "previous":
+        _previous_set_grid_transform(node, field)
+    else:
+        conversions.setGridTransformFromDisplacement(node, field)
+    seconds = time.perf_counter() - start
+    print("FIELD-RESULT " + json.dumps({"method": method, "seconds": round(seconds, 2),
+                                        "extra_peak_gib": round((_status_bytes("VmHWM") - before) / GIB, 2)}))
+
+
+def compare_field(shape=(512, 512, 300)) -> list[dict]:
+    """The field -> grid transform conversion, previous and now, each in a fresh process."""
+    import subprocess
+    import tempfile
+
+    import SimpleITK as sitk
+
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="textscf-field-") as folder:
+        path = os.path.join(folder, "displacement.nrrd")
+        field = sitk.Image([int(s) for s in shape], sitk.sitkVectorFloat32, 3)
+        field.SetSpacing((0.78, 0.78, 1.5))
+        sitk.WriteImage(field, path, False)
+        del field
+        for method in ("previous", "now, engine file", "now, SimpleITK image"):
+            output = subprocess.run([sys.executable, __file__, "--field-child", method, "--shape",
+                                     ",".join(map(str, shape)), "--field-path", path],
+                                    capture_output=True, text=True, check=True).stdout
+            rows.append(json.loads(output.split("FIELD-RESULT ", 1)[1].splitlines()[0]))
+    return rows
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="512,512,300", help="I,J,K voxels (default 512,512,300)")
     parser.add_argument("--spacing", default="0.78,0.78,1.5", help="mm (default 0.78,0.78,1.5)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write the numbers to this file")
+    parser.add_argument("--field", action="store_true", help="compare the field -> transform conversions instead")
+    parser.add_argument("--field-child", help=argparse.SUPPRESS)
+    parser.add_argument("--field-path", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    result = measure(tuple(int(v) for v in args.shape.split(",")), tuple(float(v) for v in args.spacing.split(",")),
-                     args.threads)
+    shape = tuple(int(v) for v in args.shape.split(","))
+    if args.field_child:
+        _field_child(args.field_child, shape, args.field_path)
+        return {}
+    if args.field:
+        rows = compare_field(shape)
+        previous = rows[0]["extra_peak_gib"]
+        for row in rows:
+            ratio = f", {previous / row['extra_peak_gib']:.1f}x less than previous" if row is not rows[0] else ""
+            print(f"field {'x'.join(map(str, shape))} -> grid transform, {row['method']}: "
+                  f"+{row['extra_peak_gib']} GiB peak, {row['seconds']} s{ratio}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+        return {"field": rows}
+    result = measure(shape, tuple(float(v) for v in args.spacing.split(",")), args.threads)
     print(f"Slicer logic, {'x'.join(map(str, result['shape']))} CT pair, network alone (refine 0), CPU: "
           f"{result['seconds']} s; peak RSS: Slicer side {result['slicer_peak_gib']} GiB (before "
           f"{result['slicer_rss_before_gib']} GiB), engine process {result['engine_peak_gib']} GiB, both together "
