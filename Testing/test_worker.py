@@ -113,3 +113,43 @@ def test_a_killed_worker_leaves_no_output_folder(tmp_path, pair, tiny_abdomen_ch
     process.stdout.close()
     process.stderr.close()
     assert not (tmp_path / "output").exists()
+
+
+@pytest.mark.skipif(os.name != "posix", reason="orphans are detected by their parent ID on POSIX")
+def test_the_worker_ends_when_the_process_that_started_it_dies(tmp_path, pair, tiny_abdomen_checkpoint):
+    """Slicer crashing (here: the process that started the worker, SIGKILLed) must not leave an engine running."""
+    job = write_job(tmp_path, pair, tiny_abdomen_checkpoint)
+    starter = (
+        "import os, subprocess, sys, time\n"
+        f"worker = subprocess.Popen([sys.executable, '-m', 'textscf.worker', {str(job)!r}],"
+        " stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print(worker.pid, flush=True)\n"
+        "time.sleep(600)\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(MODULE_DIR), os.environ.get("PYTHONPATH", "")]))
+    parent = subprocess.Popen([sys.executable, "-c", starter], stdout=subprocess.PIPE, text=True, env=env)
+    worker_pid = int(parent.stdout.readline())
+    time.sleep(1.0)  # the worker is importing its modules
+    parent.kill()
+    parent.wait()
+    parent.stdout.close()
+    deadline = time.monotonic() + 5.0  # the worker checks every 0.5 s; its registration alone takes longer
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            break
+        if _is_zombie(worker_pid):  # ended; its new parent has not reaped it yet
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker_pid, signal.SIGKILL)
+        pytest.fail("the worker kept running after the process that started it was killed")
+    assert not (tmp_path / "output").exists()
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True

@@ -29,8 +29,8 @@ is always whole): ``displacement.nrrd`` (ITK displacement field, float32 3-vecto
 (uncompressed) NRRD on the fixed grid except the segmentations, on their image's grid.
 
 Exit status: 0 done, 1 unexpected error (the message says what happened), 2 bad input (a ``TextSCFError``: the
-message says what to fix), 3 cancelled (Ctrl-C). Killed by a signal (the caller's Cancel, or the system when memory
-runs out): no output folder.
+message says what to fix), 3 cancelled (Ctrl-C, or the process that started it is gone). Killed by a signal (the
+caller's Cancel, or the system when memory runs out): no output folder.
 """
 from __future__ import annotations
 
@@ -207,10 +207,30 @@ def run(job_path: str | os.PathLike, channel: Channel) -> None:
     channel.progress("Done", 1.0)
 
 
+def exit_with_parent(interval: float = 0.5) -> None:
+    """End this process when the one that started it is gone (Slicer closed or crashed): a registration nobody waits
+    for must not hold gigabytes. POSIX only (there an orphan is adopted by another process and its parent ID
+    changes)."""
+    if os.name != "posix":
+        return
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(EXIT_CANCELLED)
+
+    threading.Thread(target=watch, name="textscf worker parent watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     from textscf.errors import CancelledError, TextSCFError
 
     argv = sys.argv[1:] if argv is None else argv
+    exit_with_parent()
     channel = Channel()
 
     def show_warning(message, category, filename, lineno, file=None, line=None):
