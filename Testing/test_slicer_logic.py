@@ -1030,6 +1030,51 @@ def test_cancel_kills_the_engine_process_mid_run_and_leaves_the_scene_unchanged(
 
 
 @needs_pipeline
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="child processes are listed from Linux /proc")
+def test_cancel_also_ends_the_interpreter_a_launcher_started(logic, scene, example_pair, tiny_checkpoint, tmp_path,
+                                                             monkeypatch):
+    """In Slicer the worker runs through PythonSlicer, a launcher that starts the real interpreter as its child:
+    Cancel ends the whole process group, the child included (a launcher stands in for PythonSlicer here)."""
+    import sys
+
+    from TextSCFRegistrationLib import engineprocess
+
+    launcher = tmp_path / "PythonLauncher"
+    launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                        f"sys.exit(subprocess.call([{sys.executable!r}] + sys.argv[1:]))\n")
+    launcher.chmod(0o755)
+    monkeypatch.setattr(engineprocess, "pythonExecutable", lambda: str(launcher))
+    pair = logic.loadExamplePair(scene, pair=example_pair)
+    before = node_ids(scene)
+    seen = {}
+
+    def progress(stage, fraction, seconds_left=None):
+        if stage == "register" and "pids" not in seen:
+            pid = logic.job.process.pid
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            seen["pids"] = [pid] + [int(c) for c in children]
+
+    with pytest.raises(CancelledError):
+        logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
+                      {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct",
+                       "refine_iterations": 500, "refine_field_iterations": 0},
+                      fixedSegmentationNode=pair["fixedSegmentationNode"], progressCallback=progress,
+                      cancelCallback=lambda: "pids" in seen)
+    assert len(seen["pids"]) == 2, "the launcher and the interpreter it started"
+    time.sleep(0.2)  # the interpreter, reparented once killed, is reaped by its new parent
+    assert all(_process_is_gone(pid) or _is_zombie(pid) for pid in seen["pids"])
+    assert node_ids(scene) == before
+
+
+def _is_zombie(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@needs_pipeline
 def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(logic, scene, example_pair,
                                                                              tiny_checkpoint):
     """The engine process killed as the system kills it when memory runs out (SIGKILL) during the registration:

@@ -149,7 +149,10 @@ class EngineJob:
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join([MODULE_DIR] + [p for p in [environment.get("PYTHONPATH")] if p])
         environment["PYTHONUNBUFFERED"] = "1"
-        extra = {"creationflags": subprocess.CREATE_NO_WINDOW} if os.name == "nt" else {}
+        # Its own process group: Cancel ends the whole group, the real interpreter too where PythonSlicer is a
+        # launcher that starts it as a child.
+        extra = ({"creationflags": subprocess.CREATE_NO_WINDOW | subprocess.CREATE_NEW_PROCESS_GROUP}
+                 if os.name == "nt" else {"start_new_session": True})
         self.process = subprocess.Popen([pythonExecutable(), "-m", "textscf.worker", jobPath], cwd=self.folder,
                                         env=environment, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                         stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace",
@@ -196,16 +199,13 @@ class EngineJob:
         raise CancelledError("registration cancelled: the engine process was stopped; the scene is unchanged")
 
     def stop(self):
+        """End the process and its group: terminate, then kill what is left after ``TERMINATE_GRACE_SECONDS``."""
         process = self.process
         if process is None:
             return
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(TERMINATE_GRACE_SECONDS)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        if process.returncode is None and not _exited(process):
+            _endGroup(process)
+        process.wait()
         for stream in (process.stdout, process.stderr):
             stream.close()
         self.process = None
@@ -240,6 +240,38 @@ class EngineJob:
                 + ". The scene was left as it was." + (f"\n{detail}" if detail else ""))
         return EngineProcessError(f"the registration process stopped with exit status {returnCode} and no result. "
                                   "The scene was left as it was." + (f"\n{detail}" if detail else ""))
+
+
+def _exited(process):
+    """Whether the process has ended, without reaping it (while it is a zombie its process group ID stays ours)."""
+    if os.name == "nt":
+        return process.poll() is not None
+    return os.waitid(os.P_PID, process.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def _endGroup(process):
+    """Terminate the worker's process group (Windows: the process), then kill the group (Windows: the process tree)
+    when it has not ended within ``TERMINATE_GRACE_SECONDS``. The group leader is not reaped before the kill, so the
+    group ID cannot have been reused."""
+    if os.name == "nt":
+        process.terminate()
+        try:
+            process.wait(TERMINATE_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
+        subprocess.run(["taskkill", "/F", "/T", "/PID", str(process.pid)], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, creationflags=subprocess.CREATE_NO_WINDOW, check=False)
+        return
+    import signal
+
+    os.killpg(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + TERMINATE_GRACE_SECONDS
+    while time.monotonic() < deadline and not _exited(process):
+        time.sleep(0.01)
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # what is left of the group (a launcher's child)
+    except ProcessLookupError:
+        pass
 
 
 def _readLines(kind, stream, lines):
