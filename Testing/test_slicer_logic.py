@@ -1029,21 +1029,28 @@ def test_cancel_kills_the_engine_process_mid_run_and_leaves_the_scene_unchanged(
     assert pair["movingVolumeNode"].GetTransformNodeID() is None
 
 
+def write_launcher(folder):
+    """A stand-in for PythonSlicer: starts the real interpreter as its child and exits with its status, 128 + N when
+    signal N ended it (as launchers and shells report it)."""
+    import sys
+
+    launcher = Path(folder) / "PythonLauncher"
+    launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                        f"status = subprocess.call([{sys.executable!r}] + sys.argv[1:])\n"
+                        "sys.exit(128 - status if status < 0 else status)\n")
+    launcher.chmod(0o755)
+    return str(launcher)
+
+
 @needs_pipeline
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="child processes are listed from Linux /proc")
 def test_cancel_also_ends_the_interpreter_a_launcher_started(logic, scene, example_pair, tiny_checkpoint, tmp_path,
                                                              monkeypatch):
     """In Slicer the worker runs through PythonSlicer, a launcher that starts the real interpreter as its child:
     Cancel ends the whole process group, the child included (a launcher stands in for PythonSlicer here)."""
-    import sys
-
     from TextSCFRegistrationLib import engineprocess
 
-    launcher = tmp_path / "PythonLauncher"
-    launcher.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
-                        f"sys.exit(subprocess.call([{sys.executable!r}] + sys.argv[1:]))\n")
-    launcher.chmod(0o755)
-    monkeypatch.setattr(engineprocess, "pythonExecutable", lambda: str(launcher))
+    monkeypatch.setattr(engineprocess, "pythonExecutable", lambda: write_launcher(tmp_path))
     pair = logic.loadExamplePair(scene, pair=example_pair)
     before = node_ids(scene)
     seen = {}
@@ -1075,18 +1082,30 @@ def _is_zombie(pid):
 
 
 @needs_pipeline
+@pytest.mark.parametrize("through_launcher", [False, True])
 def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(logic, scene, example_pair,
-                                                                             tiny_checkpoint):
-    """The engine process killed as the system kills it when memory runs out (SIGKILL) during the registration:
-    a clear error, no new node, the job folder removed."""
+                                                                             tiny_checkpoint, through_launcher,
+                                                                             tmp_path, monkeypatch):
+    """The engine's interpreter killed as the system kills it when memory runs out (SIGKILL) during the
+    registration, started directly or through a launcher as PythonSlicer: a clear error, no new node, the job
+    folder removed."""
+    from TextSCFRegistrationLib import engineprocess
+
+    if through_launcher:
+        if not Path("/proc/self/task").is_dir():
+            pytest.skip("child processes are listed from Linux /proc")
+        monkeypatch.setattr(engineprocess, "pythonExecutable", lambda: write_launcher(tmp_path))
     pair = logic.loadExamplePair(scene, pair=example_pair)
     before = node_ids(scene)
     seen = {}
 
     def progress(stage, fraction, seconds_left=None):
         if stage == "register" and "pid" not in seen:
-            seen.update(pid=logic.job.process.pid, folder=logic.job.folder)
-            os.kill(seen["pid"], signal.SIGKILL)
+            pid = logic.job.process.pid
+            if through_launcher:  # the interpreter is the launcher's child
+                pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
+            seen.update(pid=pid, folder=logic.job.folder)
+            os.kill(pid, signal.SIGKILL)
 
     from TextSCFRegistrationLib.engineprocess import EngineProcessError
 
@@ -1095,7 +1114,7 @@ def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(log
                       {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
                       fixedSegmentationNode=pair["fixedSegmentationNode"],
                       movingSegmentationNode=pair["movingSegmentationNode"], progressCallback=progress)
-    assert "pid" in seen and _process_is_gone(seen["pid"])
+    assert "pid" in seen and (_process_is_gone(seen["pid"]) or _is_zombie(seen["pid"]))
     assert not os.path.exists(seen["folder"])
     assert node_ids(scene) == before
     assert pair["movingVolumeNode"].GetTransformNodeID() is None

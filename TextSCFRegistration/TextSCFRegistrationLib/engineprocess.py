@@ -226,13 +226,15 @@ class EngineJob:
             if isinstance(errorClass, type) and issubclass(errorClass, errors.TextSCFError):
                 return errorClass(text)
             return EngineProcessError(f"the registration failed: {text}" + (f"\n{detail}" if detail else ""))
-        if returnCode is not None and returnCode < 0:
+        # Killed by a signal: a negative status, or 128 + the signal where a launcher (PythonSlicer) reports it.
+        signalNumber = -returnCode if returnCode < 0 else returnCode - 128 if 128 < returnCode < 160 else None
+        if signalNumber is not None:
             import signal
 
             try:
-                name = signal.Signals(-returnCode).name
+                name = signal.Signals(signalNumber).name
             except ValueError:
-                name = f"signal {-returnCode}"
+                name = f"signal {signalNumber}"
             return EngineProcessError(
                 f"the registration process was ended by {name} before it finished"
                 + (" (the system ends a process this way when memory runs out; choose the CPU, close other "
