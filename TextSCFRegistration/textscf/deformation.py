@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from textscf.errors import InputError
 from textscf.spatial import GridLike, ModelGrid, _as_grid
 
-SLAB_ROWS = 32  # fixed-grid rows per slab: few enough parallel regions for threads, small enough coordinates
+SLAB_VOXELS = 1 << 20  # voxels per slab: few parallel regions for threads, temporaries of a few MB (no page-fault storm)
 
 
 def matrix_offset(transform: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -141,8 +141,9 @@ class Deformation:
 
     # ------------------------------------------------------------------------------------------------ the field
     def _slabs(self):
-        n = self.fixed_grid.shape[0]
-        return (range(s, min(s + SLAB_ROWS, n)) for s in range(0, n, SLAB_ROWS))
+        n, j, k = self.fixed_grid.shape
+        rows = max(1, SLAB_VOXELS // (j * k))
+        return (range(s, min(s + rows, n)) for s in range(0, n, rows))
 
     def _fixed_affine(self) -> tuple[np.ndarray, np.ndarray]:
         return self.fixed_grid.index_to_physical_matrix, np.asarray(self.fixed_grid.origin, dtype=np.float64)
@@ -177,9 +178,9 @@ class Deformation:
             out[rows.start:rows.stop] = _determinant(u)[rows.start - lo:rows.stop - lo]
         return out.numpy()
 
-    def total_image(self, pixel_type: int = sitk.sitkVectorFloat64) -> sitk.Image:
-        """``initial(x + d(x)) - x`` as a 3-vector image on the fixed grid (LPS mm); float64 by default because
-        ITK's displacement-field transform needs it, ``sitkVectorFloat32`` on request."""
+    def total_image(self, pixel_type: int = sitk.sitkVectorFloat32) -> sitk.Image:
+        """``initial(x + d(x)) - x`` as a 3-vector image on the fixed grid (LPS mm); float32 (what the outputs
+        store), ``sitkVectorFloat64`` on request (ITK's displacement-field transform casts to it anyway)."""
         dtype = np.float64 if pixel_type == sitk.sitkVectorFloat64 else np.float32
         arr = np.empty((*self.fixed_grid.shape[::-1], 3), dtype=dtype)  # ITK's (K, J, I, 3) buffer order
         m = torch.as_tensor(self.initial_matrix, dtype=torch.float32)

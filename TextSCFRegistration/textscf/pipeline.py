@@ -31,7 +31,7 @@ from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
 from textscf.presets import load_preset, model_rows
 from textscf.results import RegistrationResult
 from textscf.schedule import (
-    Schedule, default_schedule, fresh_grid_factor, fresh_grid_shape, with_steps,
+    Schedule, default_schedule, fresh_grid_factor, fresh_grid_shape, similarity_for, with_steps,
 )
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
 from textscf.spatial import (
@@ -85,9 +85,12 @@ class RegistrationOptions:
             (:func:`textscf.schedule.default_schedule`, what ``textscf register``, ``textscf demo`` and the Slicer
             module run), which may also pick a fresh network when ``checkpoint`` is None and the bundled model was
             trained on another modality.
-        refine_learning_rate, refine_smooth_weight, refine_similarity: refinement settings
-            (similarity "auto" = MSE for CT, local NCC for MRI).
-        refine_field_iterations: last refinement steps on the half-resolution field itself; None = the schedule's.
+        refine_learning_rate: Adam learning rate of the network steps.
+        refine_smooth_weight: λ of the diffusion regulariser ‖∇u‖², network and field steps.
+        refine_similarity: the refinement's image term: "auto" (:func:`textscf.schedule.similarity_for`: MIND-SSC
+            descriptors), "mind", "mse" or "ncc" (local NCC).
+        refine_field_iterations: steps on the displacement field itself at each level of the schedule's pyramid
+            (1/4 then 1/2 of the model grid), after the network steps; None = the schedule's.
         refine_use_moving_labels: put the moving label map into the refinement loss (its Dice term, weight
             ``refine_label_weight``). Off by default: the moving label map then only scores the run, and giving it
             never changes the field (on a real CT with a known field the Dice term raised Dice 88 -> 90 % while the
@@ -492,8 +495,9 @@ def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.
     wants_refinement = options.refine_iterations is None or options.refine_iterations > 0
     reason = ""
     if (requested or "").lower() == "fresh":
-        if not options.refine_iterations or options.refine_iterations <= 0:
-            raise InputError("a fresh (untrained) network needs instance optimisation: give --refine N (e.g. 150)")
+        if not (options.refine_iterations or 0) > 0 and not (options.refine_field_iterations or 0) > 0:
+            raise InputError("a fresh (untrained) network needs instance optimisation: give --refine N (e.g. 150) "
+                             "or --refine-field M (e.g. 100)")
         net, source, reason = None, "fresh", "a fresh network was asked for"
     else:
         path = Path(requested) if requested else bundled_model_path()
@@ -502,7 +506,8 @@ def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.
         modality = pair_modality(fixed, options)
         if requested is None and wants_refinement and net.config.modality != modality:
             reason = (f"the bundled model was trained on {net.config.modality.upper()} and this pair is "
-                      f"{modality.upper()}: a fresh network is refined on it instead")
+                      f"{modality.upper()}: it is not used; a fresh network's grid, sized to the image, is refined "
+                      "on instead")
             net, source = None, "fresh"
         elif requested is None:
             reason = "the bundled model"
@@ -520,7 +525,8 @@ def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.
     if not has_regions:
         reason = "; ".join(filter(None, [reason, "no fixed label map and no segmentor: no regions"]))
     schedule = with_steps(default_schedule(source if source == "fresh" else "checkpoint", net.config.input_shape,
-                                           device, has_regions, reason),
+                                           device, has_regions, reason,
+                                           similarity_for(net.config.modality, options.refine_similarity)),
                           options.refine_iterations, options.refine_field_iterations)
     return net, source, prompts, schedule
 
@@ -629,8 +635,8 @@ def register(
             settings = RefineSettings(
                 iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
                 smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
-                similarity=_similarity_for(net, options.refine_similarity), seed=options.seed,
-                field_iterations=schedule.field_steps,
+                similarity=schedule.similarity, seed=options.seed,
+                field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
             )
             steps.plan_refinement(schedule.estimated_seconds)
             refined = refine_on_pair(net, moving_m, fixed_m, regions_m, confidence_m, moving_regions_m,
@@ -697,8 +703,8 @@ def register(
 
 @dataclass
 class FieldOutputs:
-    """The network's field brought to the fixed grid: ``total`` (3-vector image, LPS mm, initial alignment folded
-    in), the Jacobian determinant of the deformable part ``(I, J, K)`` float32, its largest length in mm, and the
+    """The network's field brought to the fixed grid: ``total`` (float32 3-vector image, LPS mm, initial alignment
+    folded in), the Jacobian determinant of the deformable part ``(I, J, K)`` float32, its largest length in mm, and the
     warped moving image and label map (None without one)."""
 
     total: sitk.Image
@@ -726,7 +732,8 @@ def field_outputs(u_model: np.ndarray, grid: ModelGrid, fixed: sitk.Image, init:
     jac = metrics.jacobian_determinant(physical_displacement_to_voxel(deformable, fixed)).astype(np.float32)
     total = compose_with_initial(deformable, init)
     labels = warp_image(moving_labels, total, fixed, "nearest", 0) if moving_labels is not None else None
-    return FieldOutputs(total, jac, float(np.sqrt((image_to_array(deformable) ** 2).sum(0)).max()),
+    return FieldOutputs(sitk.Cast(total, sitk.sitkVectorFloat32), jac,
+                        float(np.sqrt((image_to_array(deformable) ** 2).sum(0)).max()),
                         warp_image(moving, total, fixed, "linear", _background(moving)), labels)
 
 
@@ -769,7 +776,3 @@ def _background(image: sitk.Image) -> float:
     return float(sitk.GetArrayViewFromImage(image).min())
 
 
-def _similarity_for(net: TextSCFNet, choice: str) -> str:
-    if choice != "auto":
-        return choice
-    return "mse" if net.config.modality == "ct" else "ncc"

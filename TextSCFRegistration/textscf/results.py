@@ -12,7 +12,7 @@ class RegistrationResult:
     """Outputs of :func:`textscf.pipeline.register`, all on the fixed image's grid.
 
     Attributes:
-        displacement: 3-component float64 vector image on the fixed grid; physical LPS millimetres in the
+        displacement: 3-component float32 vector image on the fixed grid; physical LPS millimetres in the
             resampling convention (fixed point ``x`` maps to moving point ``x + d(x)``), already composed
             with the initial alignment.
         warped: the moving image resampled onto the fixed grid through ``displacement``.
