@@ -159,7 +159,10 @@ def write_outputs(folder: Path, result, segmentations: dict, channel: Channel) -
 
     # float32 halves what the caller holds (a 512 x 512 x 300 field: 0.9 instead of 1.9 GB); the error (< 1e-5 mm
     # for displacements under 100 mm) is far below any voxel.
-    write(sitk.Cast(result.displacement, sitk.sitkVectorFloat32), "displacement")
+    displacement = result.displacement
+    if displacement.GetPixelID() != sitk.sitkVectorFloat32:
+        displacement = sitk.Cast(displacement, sitk.sitkVectorFloat32)
+    write(displacement, "displacement")
     channel.progress("Writing the results", 0.97)
     write(result.warped, "warped")
     write(result.jacobian, "jacobian")
@@ -168,7 +171,12 @@ def write_outputs(folder: Path, result, segmentations: dict, channel: Channel) -
     for role, image in segmentations.items():
         write(image, f"{role}_labels")
     summary = {"stats": result.stats, "region_names": list(result.region_names), "files": files}
-    (folder / "result.json").write_text(json.dumps(summary, indent=1, default=str), encoding="utf-8")
+    (folder / "result.json").write_text(json.dumps(summary, indent=1, default=_plain), encoding="utf-8")
+
+
+def _plain(value):
+    """JSON for what ``json`` does not know: numpy numbers and arrays as numbers and lists, anything else as text."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
 
 
 def run(job_path: str | os.PathLike, channel: Channel) -> None:
