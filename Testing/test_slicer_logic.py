@@ -20,6 +20,7 @@ import vtk  # noqa: E402
 from textscf.errors import CancelledError, CheckpointError, InputError  # noqa: E402
 from textscf import schedule  # noqa: E402
 from textscf.results import RegistrationResult  # noqa: E402
+from test_worker import has_ended  # noqa: E402
 
 MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"
 F = np.diag([-1.0, -1.0, 1.0])  # LPS <-> RAS
@@ -985,12 +986,11 @@ def test_process_end_to_end_on_the_example_pair(logic, scene, example_pair, tiny
     assert [r for r in rows if r[0] == "Device"][0][4] == "cpu"
 
 
-def _process_is_gone(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+def engine_pids(logic):
+    """The running engine process and, under a launcher, the interpreter it started (Linux /proc)."""
+    pid = logic.job.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    return [pid] + ([int(c) for c in children.read_text().split()] if children.exists() else [])
 
 
 @needs_pipeline
@@ -1023,7 +1023,7 @@ def test_cancel_kills_the_engine_process_mid_run_and_leaves_the_scene_unchanged(
     print(f"cancel during '{stage}': engine process ended {logic.job.cancelSeconds:.3f} s after the kill request, "
           f"process() returned {latency:.3f} s after Cancel")
     assert latency < 1.5 and logic.job.cancelSeconds <= latency
-    assert _process_is_gone(seen["pid"])
+    assert has_ended(seen["pid"])
     assert not os.path.exists(seen["folder"])
     assert node_ids(scene) == before
     assert pair["movingVolumeNode"].GetTransformNodeID() is None
@@ -1057,9 +1057,7 @@ def test_cancel_also_ends_the_interpreter_a_launcher_started(logic, scene, examp
 
     def progress(stage, fraction, seconds_left=None):
         if stage == "register" and "pids" not in seen:
-            pid = logic.job.process.pid
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            seen["pids"] = [pid] + [int(c) for c in children]
+            seen["pids"] = engine_pids(logic)
 
     with pytest.raises(CancelledError):
         logic.process(pair["fixedVolumeNode"], pair["movingVolumeNode"],
@@ -1069,16 +1067,8 @@ def test_cancel_also_ends_the_interpreter_a_launcher_started(logic, scene, examp
                       cancelCallback=lambda: "pids" in seen)
     assert len(seen["pids"]) == 2, "the launcher and the interpreter it started"
     time.sleep(0.2)  # the interpreter, reparented once killed, is reaped by its new parent
-    assert all(_process_is_gone(pid) or _is_zombie(pid) for pid in seen["pids"])
+    assert all(has_ended(pid) for pid in seen["pids"])
     assert node_ids(scene) == before
-
-
-def _is_zombie(pid):
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except OSError:
-        return True
 
 
 @needs_pipeline
@@ -1101,11 +1091,8 @@ def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(log
 
     def progress(stage, fraction, seconds_left=None):
         if stage == "register" and "pid" not in seen:
-            pid = logic.job.process.pid
-            if through_launcher:  # the interpreter is the launcher's child
-                pid = int(Path(f"/proc/{pid}/task/{pid}/children").read_text().split()[0])
-            seen.update(pid=pid, folder=logic.job.folder)
-            os.kill(pid, signal.SIGKILL)
+            seen.update(pid=engine_pids(logic)[-1], folder=logic.job.folder)  # the interpreter, under a launcher too
+            os.kill(seen["pid"], signal.SIGKILL)
 
     from TextSCFRegistrationLib.engineprocess import EngineProcessError
 
@@ -1114,7 +1101,7 @@ def test_a_crashed_engine_process_is_an_error_and_leaves_the_scene_unchanged(log
                       {"checkpoint": tiny_checkpoint, "device": "cpu", "preset": "abdomen-ct"},
                       fixedSegmentationNode=pair["fixedSegmentationNode"],
                       movingSegmentationNode=pair["movingSegmentationNode"], progressCallback=progress)
-    assert "pid" in seen and (_process_is_gone(seen["pid"]) or _is_zombie(seen["pid"]))
+    assert "pid" in seen and has_ended(seen["pid"])
     assert not os.path.exists(seen["folder"])
     assert node_ids(scene) == before
     assert pair["movingVolumeNode"].GetTransformNodeID() is None

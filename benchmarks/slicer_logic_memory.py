@@ -43,29 +43,22 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: the repository root holds the benchmarks package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.pipeline_resources import _reset_peak, _status_bytes  # noqa: E402  (the /proc probes, one home)
+
 GIB = 1024 ** 3
 BUDGET_BYTES = 8 * GIB
 MODULE_PATH = Path(__file__).resolve().parents[1] / "TextSCFRegistration" / "TextSCFRegistration.py"
 
 
-def _status_bytes(key: str, pid: int | str = "self") -> int | None:
-    """A ``/proc/<pid>/status`` memory field (``VmHWM``, ``VmRSS``) in bytes, or None when unreadable."""
+def _rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident memory of a process (``/proc/<pid>/statm``), or None when unreadable (it has ended, not Linux)."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
         return None
-    return None
-
-
-def _reset_peak() -> None:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def _ellipse(shape2d, spacing, centre_mm, radii_mm):
@@ -128,8 +121,8 @@ class _PairSampler(threading.Thread):
         while not self.stop.wait(0.05):
             job = self.logic.job
             process = job.process if job is not None else None
-            child = _status_bytes("VmRSS", process.pid) if process is not None else None
-            self.peak_sum = max(self.peak_sum, (_status_bytes("VmRSS") or 0) + (child or 0))
+            child = _rss_bytes(process.pid) if process is not None else None
+            self.peak_sum = max(self.peak_sum, (_rss_bytes() or 0) + (child or 0))
 
 
 def measure(shape=(512, 512, 300), spacing=(0.78, 0.78, 1.5), threads: int = 1) -> dict:
@@ -269,7 +262,8 @@ def main(argv=None) -> dict:
         rows = compare_field(shape)
         previous = rows[0]["extra_peak_gib"]
         for row in rows:
-            ratio = f", {previous / row['extra_peak_gib']:.1f}x less than previous" if row is not rows[0] else ""
+            ratio = (f", {previous / row['extra_peak_gib']:.1f}x less than previous"
+                     if row is not rows[0] and row["extra_peak_gib"] > 0 else "")
             print(f"field {'x'.join(map(str, shape))} -> grid transform, {row['method']}: "
                   f"+{row['extra_peak_gib']} GiB peak, {row['seconds']} s{ratio}")
         if args.json:
@@ -288,5 +282,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     main()
