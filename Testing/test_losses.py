@@ -9,6 +9,7 @@ from textscf.losses import (
     multiscale_dice_loss,
     gradient_loss,
     local_ncc_loss,
+    mind_loss,
     mse_loss,
     one_hot_regions,
     soft_dice_loss,
@@ -100,7 +101,7 @@ def test_local_ncc():
         local_ncc_loss(a, a, window=4)
 
 
-@pytest.mark.parametrize("similarity", ["mse", "ncc"])
+@pytest.mark.parametrize("similarity", ["mse", "ncc", "mind"])
 def test_registration_loss_components_and_backward(similarity):
     g = torch.Generator().manual_seed(1)
     fixed = torch.rand((1, 1, 16, 16, 16), generator=g)
@@ -115,7 +116,7 @@ def test_registration_loss_components_and_backward(similarity):
     total, parts = crit(warped, fixed, field, warped_oh, fixed_oh)
     assert set(parts) == {"similarity", "smooth", "dice"}
     assert sum(parts.values()) == pytest.approx(total.item(), rel=1e-6)
-    sim = mse_loss(warped, fixed) if similarity == "mse" else local_ncc_loss(warped, fixed)
+    sim = {"mse": mse_loss, "ncc": local_ncc_loss, "mind": mind_loss}[similarity](warped, fixed)
     assert parts["similarity"] == pytest.approx(sim.item(), rel=1e-6)
     assert parts["smooth"] == pytest.approx(0.2 * gradient_loss(field).item(), rel=1e-6)
     assert parts["dice"] == pytest.approx(0.5 * soft_dice_loss(warped_oh, fixed_oh).item(), rel=1e-6)
@@ -129,7 +130,7 @@ def test_registration_loss_components_and_backward(similarity):
 
 
 def test_registration_loss_errors():
-    with pytest.raises(InputError, match="'mse' or 'ncc'"):
+    with pytest.raises(InputError, match="'mse', 'ncc', 'mind'"):
         RegistrationLoss(similarity="mi")
     with pytest.raises(InputError, match="smooth_weight"):
         RegistrationLoss(smooth_weight=-1.0)
@@ -170,3 +171,25 @@ def test_endpoint_error():
     assert float(endpoint_error_loss(true, true)) == pytest.approx(0.0, abs=1e-4)
     with pytest.raises(InputError):
         endpoint_error_loss(pred, true[:, :2])
+
+
+def test_mind_descriptors_ignore_contrast_and_see_misalignment():
+    from textscf.mind import CHANNELS, mind_ssc
+
+    g = torch.Generator().manual_seed(3)
+    image = torch.nn.functional.avg_pool3d(torch.rand((1, 1, 24, 24, 24), generator=g), 3, 1, 1)
+    d = mind_ssc(image)
+    assert d.shape == (1, CHANNELS, 24, 24, 24) == (1, 12, 24, 24, 24)
+    assert float(d.min()) > 0 and float(d.max()) == pytest.approx(1.0)
+    # an affine or inverted remapping of the intensities leaves the descriptors as they were
+    assert float(mind_loss(image, 1.0 - 3.0 * image)) < 1e-8
+    assert float(mind_loss(image, image)) == 0.0
+    # a shifted copy differs clearly
+    assert float(mind_loss(torch.roll(image, 2, 2), image)) > 1e-3
+    warped = image.clone().requires_grad_(True)
+    mind_loss(warped, torch.roll(image, 1, 2)).backward()
+    assert torch.isfinite(warped.grad).all() and warped.grad.abs().sum() > 0
+    with pytest.raises(InputError, match="MIND-SSC"):
+        mind_ssc(torch.zeros(1, 2, 8, 8, 8))
+    with pytest.raises(InputError, match="dilation"):
+        mind_ssc(image, dilation=0)

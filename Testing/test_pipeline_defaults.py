@@ -18,7 +18,8 @@ from textscf.errors import CancelledError, InputError
 from textscf.phantom import make_example_pair
 from textscf.pipeline import STAGES, RegistrationOptions, register
 from textscf.schedule import (
-    CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS, default_schedule, estimate_refine_seconds, with_steps,
+    CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS, FIELD_LEVELS, default_schedule, estimate_refine_seconds,
+    similarity_for, with_steps,
 )
 from textscf.spatial import image_to_array
 
@@ -58,18 +59,25 @@ def _mean_dice(labels_a: sitk.Image, labels_b: sitk.Image) -> float:
 # ------------------------------------------------------------------------------------------------ the schedule
 
 def test_schedule_defaults_options_and_estimates():
-    bundled = default_schedule("checkpoint", (96, 80, 128), "cpu")
+    bundled = default_schedule("checkpoint", (96, 80, 128), "cpu", similarity="mind")
     assert (bundled.network_steps, bundled.field_steps) == (CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS)
-    assert bundled.chosen_by == "defaults" and bundled.regions
-    assert bundled.estimated_seconds == pytest.approx(estimate_refine_seconds((96, 80, 128), 12, 30, "cpu"))
+    assert bundled.field_levels == FIELD_LEVELS and bundled.steps == CHECKPOINT_FIELD_STEPS * len(FIELD_LEVELS)
+    assert bundled.chosen_by == "defaults" and bundled.regions and not bundled.uses_network
+    assert bundled.estimated_seconds == pytest.approx(estimate_refine_seconds(
+        (96, 80, 128), CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS, "cpu", FIELD_LEVELS))
     assert default_schedule("checkpoint", (96, 80, 128), "cuda").estimated_seconds < bundled.estimated_seconds
+    assert "MIND-SSC" in bundled.describe() and "1/4, 1/2 of the 96x80x128 grid" in bundled.describe()
+    assert similarity_for("ct") == "mind+mse" and similarity_for("mri") == "mind" and similarity_for("ct", "ncc") == "ncc"
     fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False)
-    assert fresh.steps > bundled.steps and not fresh.regions and "plain LKU-Net" in fresh.describe()
+    assert fresh.steps > 0 and not fresh.regions
     # The user's steps replace the defaults and say so; --refine 0 alone is the network's forward pass alone.
     assert with_steps(bundled, None, None) is bundled
     mine = with_steps(bundled, 50, None)
-    assert (mine.network_steps, mine.field_steps, mine.chosen_by) == (50, 30, "options")
-    assert with_steps(bundled, 0, None).steps == 0
+    assert (mine.network_steps, mine.field_steps, mine.chosen_by) == (50, CHECKPOINT_FIELD_STEPS, "options")
+    assert mine.uses_network and "50 network steps" in mine.describe()
+    assert with_steps(bundled, 0, None).steps == 0 and with_steps(bundled, 0, None).uses_network
+    assert "plain LKU-Net" in with_steps(fresh, 0, None).describe()
+    assert with_steps(bundled, 0, 7).steps == 7 * len(FIELD_LEVELS)
 
 
 def test_cli_demo_and_register_take_the_default_schedule():
@@ -88,16 +96,17 @@ def test_register_without_options_runs_the_default_schedule_and_reports_it(pair_
             "--unmapped-labels", "background", "--device", "cpu", "--quiet", "--no-qc"]
     assert main(argv) == EXIT_OK
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
-    expected = default_schedule("checkpoint", (48, 48, 64), "cpu", has_regions=True).as_dict()
+    expected = default_schedule("checkpoint", (48, 48, 64), "cpu", has_regions=True, similarity="mind+mse").as_dict()
     assert {k: v for k, v in report["schedule"].items() if k != "reason"} == \
         {k: v for k, v in expected.items() if k != "reason"}
-    # What ran is what the schedule says (the plateau stop cannot cut 12 network steps: its patience is 25).
+    # What ran is what the schedule says (the plateau stop may end a pyramid level early).
     assert report["refine"]["iterations"] == CHECKPOINT_NETWORK_STEPS
-    assert 0 < report["refine"]["field_iterations"] <= CHECKPOINT_FIELD_STEPS
+    assert len(FIELD_LEVELS) <= report["refine"]["field_iterations"] <= CHECKPOINT_FIELD_STEPS * len(FIELD_LEVELS)
+    assert report["schedule"]["similarity"] == "mind+mse" and report["schedule"]["field_levels"] == list(FIELD_LEVELS)
     assert report["moving_labels"] == "scoring only"
     printed = capsys.readouterr().out
-    assert "schedule: the checkpoint's network (textSCF with the fixed image's regions), refined on this pair: " \
-           "12 network + 30 field steps" in printed
+    assert (f"schedule: the displacement field optimised on this pair (no network): {CHECKPOINT_FIELD_STEPS} field "
+            "steps at each of 1/4, 1/2 of the 48x48x64 grid, MIND-SSC descriptors + intensity MSE") in printed
 
 
 # ------------------------------------------------------------------------------------------------ labels
@@ -147,7 +156,7 @@ def test_a_pair_without_regions_registers_and_beats_unregistered_dice(pair, pair
                  "--checkpoint", str(tiny_abdomen_checkpoint), "--moving-labels", str(pair_files["moving_labels"]),
                  "--unmapped-labels", "background", "--device", "cpu", "--quiet", "--no-qc"]) == EXIT_OK
     printed = capsys.readouterr().out
-    assert "no regions: the shared filter w_r alone" in printed
+    assert "no fixed label map and no segmentor: no regions" in printed
     report = json.loads((out / "report.json").read_text(encoding="utf-8"))
     assert report["schedule"]["regions"] is False and report["schedule"]["network_steps"] == CHECKPOINT_NETWORK_STEPS
     warped = sitk.ReadImage(str(out / "warped_labels.nii.gz"))
@@ -180,7 +189,7 @@ def test_progress_advances_monotonically_through_the_refinement(pair, tiny_abdom
     fractions = [fraction for _, fraction, _ in updates]
     assert fractions == sorted(fractions) and fractions[0] == 0.0 and fractions[-1] == 1.0
     during = [(fraction, left) for stage, fraction, left in updates if stage == "register"]
-    steps = CHECKPOINT_NETWORK_STEPS + CHECKPOINT_FIELD_STEPS
+    steps = CHECKPOINT_NETWORK_STEPS + len(FIELD_LEVELS)  # at least one step per phase (the plateau stop may end one)
     assert len(during) >= steps  # one update per refinement step (and the stage start)
     assert len({fraction for fraction, _ in during}) >= steps  # each step moves the bar
     assert during[-1][0] - during[0][0] > 0.5  # refinement is most of the run, and most of the bar

@@ -32,7 +32,7 @@ def test_refinement_lowers_the_loss_and_leaves_the_input_network_alone():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     result = refine_on_pair(net, moving, fixed, fixed_regions, None, moving_regions,
                             RefineSettings(iterations=25, learning_rate=3e-3, patience=0, field_iterations=5))
-    assert result.iterations_run == 25 and result.field_iterations_run == 5
+    assert result.iterations_run == 25 and result.field_iterations_run == 5 * 2  # two pyramid levels
     assert np.mean(result.losses[-3:]) < 0.6 * np.mean(result.losses[:3])
     assert np.abs(result.displacement).max() > 0.5  # it moved something
     for key, value in net.state_dict().items():
@@ -120,7 +120,73 @@ def test_refinement_progress_only_grows_and_reaches_the_total_even_after_an_earl
     assert result.stopped_early and result.iterations_run < 200
     done = [d for d, _, _ in updates]
     assert done == sorted(done) and len(set(done)) == len(done)  # every step moves it forward
-    assert updates[-1][:2] == (204, 204)  # the steps the early stop skipped count as done
+    assert updates[-1][:2] == (208, 208)  # the steps the early stop skipped count as done (4 at each of 2 levels)
     assert len(updates) == result.iterations_run + result.field_iterations_run
     lefts = [left for _, _, left in updates]
     assert all(left is not None and left >= 0 for left in lefts) and lefts[-1] == 0.0
+
+
+class _NoForward(torch.nn.Module):
+    """A network stand-in that fails if it runs: field-only refinement must not need it."""
+
+    num_regions = 3
+
+    def forward(self, *args, **kwargs):
+        raise AssertionError("the network ran")
+
+
+@pytest.mark.parametrize("similarity", ["mind", "mse", "mind+mse"])
+def test_field_only_refinement_recovers_a_shift_without_running_the_network(similarity):
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(3)  # moving is fixed shifted by +3 voxels along i: u should be about +3 there
+    updates = []
+    result = refine_on_pair(_NoForward(), moving, fixed, fixed_regions, settings=RefineSettings(
+        iterations=0, field_iterations=60, similarity=similarity, patience=0),
+        progress=lambda done, total, left: updates.append((done, total, left)))
+    assert (result.iterations_run, result.field_iterations_run) == (0, 120)
+    inside = fixed_regions > 0
+    shift = result.displacement[0][inside].mean()
+    assert 1.5 < shift < 4.5, shift
+    assert np.abs(result.displacement[1:, inside]).mean() < 0.5
+    assert result.losses[-1] < result.losses[0]
+    assert [d for d, _, _ in updates] == list(range(1, 121)) and updates[-1][1] == 120
+    assert updates[-1][2] == 0.0 and all(left is not None for _, _, left in updates)
+
+
+def test_field_only_refinement_is_deterministic_and_cancellable_within_one_step():
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(2)
+    settings = RefineSettings(iterations=0, field_iterations=10, similarity="mind", patience=0, seed=3)
+    a = refine_on_pair(_NoForward(), moving, fixed, fixed_regions, settings=settings)
+    b = refine_on_pair(_NoForward(), moving, fixed, fixed_regions, settings=settings)
+    np.testing.assert_array_equal(a.displacement, b.displacement)
+    steps = []
+
+    def cancel():
+        if len(steps) >= 13:  # during the second level
+            raise CancelledError("cancelled")
+
+    with pytest.raises(CancelledError):
+        refine_on_pair(_NoForward(), moving, fixed, fixed_regions, settings=settings, cancel=cancel,
+                       progress=lambda done, total, left: steps.append(done))
+    assert len(steps) == 13
+
+
+def test_sliding_regulariser_and_label_guidance_change_the_field_and_bad_settings_are_refused():
+    fixed, fixed_regions = blobs(0)
+    moving, moving_regions = blobs(2)
+    base = RefineSettings(iterations=0, field_iterations=15, similarity="mse", patience=0)
+    plain = refine_on_pair(_NoForward(), moving, fixed, fixed_regions, settings=base)
+    import dataclasses
+
+    sliding = refine_on_pair(_NoForward(), moving, fixed, fixed_regions,
+                             settings=dataclasses.replace(base, boundary_weight=0.1))
+    guided = refine_on_pair(_NoForward(), moving, fixed, fixed_regions, None, moving_regions, settings=base)
+    assert not np.array_equal(plain.displacement, sliding.displacement)
+    assert not np.array_equal(plain.displacement, guided.displacement)
+    with pytest.raises(InputError, match="similarity"):
+        refine_on_pair(_NoForward(), moving, fixed, fixed_regions,
+                       settings=dataclasses.replace(base, similarity="mi"))
+    with pytest.raises(InputError, match="level"):
+        refine_on_pair(_NoForward(), moving, fixed, fixed_regions,
+                       settings=dataclasses.replace(base, field_levels=(0,)))

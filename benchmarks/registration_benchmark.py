@@ -71,10 +71,14 @@ def pair_metrics(warped_labels, fixed_labels, labels, spacing, displacement_voxe
     return out
 
 
-def run_textscf(fixed, moving, fixed_labels, moving_labels, spacing, options, direction=PHANTOM_DIRECTION):
-    """Our pipeline on arrays of one shared grid; returns (metrics-ready warped labels, jacobian, seconds, stats)."""
+def run_textscf(fixed, moving, fixed_labels, moving_labels, spacing, options, direction=PHANTOM_DIRECTION,
+                with_fixed_labels=True):
+    """Our pipeline on arrays of one shared grid; returns (metrics-ready warped labels, jacobian, seconds, stats).
+
+    The moving labels only score the run (unless the options guide with them); ``with_fixed_labels=False`` gives the
+    pipeline no fixed label map either (a pair without regions), the metrics still use ``fixed_labels``."""
     f, m = to_sitk(fixed, spacing, direction), to_sitk(moving, spacing, direction)
-    fl = to_sitk(fixed_labels, spacing, direction, pixel=sitk.sitkInt16)
+    fl = to_sitk(fixed_labels, spacing, direction, pixel=sitk.sitkInt16) if with_fixed_labels else None
     ml = to_sitk(moving_labels, spacing, direction, pixel=sitk.sitkInt16)
     start = time.perf_counter()
     result = register(f, m, options, fl, ml)
@@ -137,6 +141,26 @@ def markdown(summaries: list[dict], ours: list[str], title: str, note: str) -> s
 # ------------------------------------------------------------------------------------------------ abdomen
 REFINE_FIXED = "textSCF + refine (fixed labels only)"
 REFINE_BOTH = "textSCF + refine (both label maps)"
+DEFAULTS = "textSCF defaults (textscf register, no options)"
+# What `textscf register fixed moving -o out` runs: the default schedule (textscf.schedule.default_schedule).
+DEFAULT_OPTIONS = dict(refine_iterations=None, refine_field_iterations=None, refine_similarity="auto")
+# Variants of the default refinement, each one change (--variants NAME ...).
+VARIANTS = {
+    "mind": ("field pyramid, MIND-SSC alone", dict(refine_similarity="mind")),
+    "mse": ("field pyramid, intensity MSE alone", dict(refine_similarity="mse")),
+    "ncc": ("field pyramid, local NCC", dict(refine_similarity="ncc")),
+    "network": ("12 network steps, then the field pyramid", dict(refine_iterations=12)),
+    "guided": ("defaults + Dice of the moving labels in the loss", dict(refine_use_moving_labels=True)),
+}
+
+
+def default_rows(args, **common) -> dict:
+    """``{method: RegistrationOptions}`` for the defaults and the variants asked for."""
+    rows = {DEFAULTS: RegistrationOptions(**common, **DEFAULT_OPTIONS)}
+    for name in args.variants:
+        label, change = VARIANTS[name]
+        rows[f"textSCF {label}"] = RegistrationOptions(**common, **{**DEFAULT_OPTIONS, **change})
+    return rows
 
 
 def downsample(subject):
@@ -164,9 +188,12 @@ def abdomen(args) -> tuple[list[dict], str]:
     spacing = (4.0, 4.0, 4.0)
     methods = {"unregistered": None}
     for name, ckpt in (("textSCF", args.checkpoint), ("LKU-Net (no SCF)", args.no_scf_checkpoint)):
-        if ckpt:
+        if ckpt and not (name == "textSCF" and args.no_network_row):
             methods[name] = RegistrationOptions(checkpoint=ckpt, preset="abdomen-ct", init=args.abdomen_init,
                                                 device=args.device)
+    if not args.no_defaults:
+        methods.update(default_rows(args, checkpoint=args.checkpoint, preset="abdomen-ct", init=args.abdomen_init,
+                                    device=args.device))
     if args.refine:
         # Peers see intensities only; the fixed-labels-only variant is the like-for-like one (the fixed labels stand
         # in for the segmentor), the other also puts the moving labels into its Dice term.
@@ -209,9 +236,14 @@ def abdomen(args) -> tuple[list[dict], str]:
             "itk-elastix default affine + B-spline maps."
             + (f" Refinement: {args.refine} network + 30 field steps; 'fixed labels only' uses the fixed label map "
                "as the region map J_f and image MSE + λ‖∇u‖² (like-for-like with the peers, which see intensities "
-               "only); 'both label maps' adds the Dice of the warped moving labels." if args.refine else ""))
+               "only); 'both label maps' adds the Dice of the warped moving labels." if args.refine else "")
+            + (" Defaults: what `textscf register` runs with no options (the fixed label map given as the region "
+               "map, the moving one only scoring)." if not args.no_defaults else ""))
     note += " " + paired_difference(rows, "textSCF", "LKU-Net (no SCF)")
-    return rows, markdown(summaries, ["textSCF", REFINE_FIXED], "Abdomen CT (label-derived synthetic images)", note)
+    note += " " + paired_difference(rows, DEFAULTS, "Elastix B-spline") + " " + \
+        paired_difference(rows, DEFAULTS, "ANTs SyN")
+    return rows, markdown(summaries, ["textSCF", DEFAULTS, REFINE_FIXED], "Abdomen CT (label-derived synthetic images)",
+                          note)
 
 
 # ------------------------------------------------------------------------------------------------ brain
@@ -231,16 +263,30 @@ def brain(args) -> tuple[list[dict], str]:
 
     res = peers.identity(fixed, moving, spacing, moving_lab)
     add("unregistered", 0.0, pair_metrics(res.warped_labels, fixed_lab, eval_labels, spacing, res.displacement_voxels))
-    for variant, use_moving in (("textSCF refine (both label maps)", True), ("textSCF refine (fixed labels only)", False)):
-        options = RegistrationOptions(checkpoint="fresh", preset="brain-mri", init="none", device=args.device,
-                                      refine_iterations=args.brain_iterations, refine_learning_rate=args.brain_lr,
-                                      refine_smooth_weight=args.brain_smooth, refine_similarity="ncc",
-                                      unmapped_labels="background", seed=0,
-                                      refine_field_iterations=args.brain_field_iterations,
-                                      refine_use_moving_labels=use_moving)
-        warped, jac, seconds, result, _ = run_textscf(fixed, moving, fixed_lab, moving_lab, spacing, options, identity_dir)
+    runs = []
+    if not args.no_defaults:
+        # No checkpoint named: the bundled model is a CT model, so the default schedule for an MRI pair runs.
+        common = dict(preset="brain-mri", init="none", device=args.device, unmapped_labels="background", seed=0)
+        runs += [(DEFAULTS + ", fixed labels", RegistrationOptions(**common, **DEFAULT_OPTIONS), True),
+                 (DEFAULTS + ", no label map", RegistrationOptions(**common, **DEFAULT_OPTIONS), False)]
+        for name in args.variants:
+            label, change = VARIANTS[name]
+            if name != "guided":
+                runs.append((f"textSCF {label}, fixed labels",
+                             RegistrationOptions(**common, **{**DEFAULT_OPTIONS, **change}), True))
+    if args.brain_iterations:
+        for variant, use_moving in (("textSCF refine (both label maps)", True),
+                                    ("textSCF refine (fixed labels only)", False)):
+            runs.append((variant, RegistrationOptions(
+                checkpoint="fresh", preset="brain-mri", init="none", device=args.device,
+                refine_iterations=args.brain_iterations, refine_learning_rate=args.brain_lr,
+                refine_smooth_weight=args.brain_smooth, refine_similarity="ncc", unmapped_labels="background", seed=0,
+                refine_field_iterations=args.brain_field_iterations, refine_use_moving_labels=use_moving), True))
+    for variant, options, with_fixed in runs:
+        warped, jac, seconds, result, _ = run_textscf(fixed, moving, fixed_lab, moving_lab, spacing, options,
+                                                      identity_dir, with_fixed_labels=with_fixed)
         add(variant, seconds, pair_metrics(warped, fixed_lab, eval_labels, spacing, jacobian=jac),
-            {"refine": result.stats.get("refine")})
+            {"refine": result.stats.get("refine"), "schedule": result.stats.get("schedule")})
     for method, fn in (("ANTs SyN", peers.register_ants_syn), ("Elastix B-spline", peers.register_elastix_bspline)):
         if method in args.skip_peers:
             continue
@@ -249,10 +295,13 @@ def brain(args) -> tuple[list[dict], str]:
                                               res.displacement_voxels))
     summaries = [summarise(rows, m) for m in dict.fromkeys(r["method"] for r in rows)]
     note = ("Real T1 MRI, moving = learn2reg subject, fixed = voxelmorph subject, 160x192x224 at 1 mm, mean over the "
-            "30 FreeSurfer evaluation labels. textSCF: instance optimisation of a fresh network "
-            f"({args.brain_iterations} iterations, local NCC, lr {args.brain_lr}, λ {args.brain_smooth}, then "
-            f"{args.brain_field_iterations} field iterations), no pretrained brain model.")
-    return rows, markdown(summaries, ["textSCF refine (fixed labels only)"], "Brain MRI (real)", note)
+            "30 FreeSurfer evaluation labels; no pretrained brain model. Defaults: what `textscf register` runs "
+            "with no options (the fixed label map given, or none; the moving one only scores)."
+            + (" 'textSCF refine': instance optimisation of a fresh network "
+               f"({args.brain_iterations} iterations, local NCC, lr {args.brain_lr}, λ {args.brain_smooth}, then "
+               f"{args.brain_field_iterations} field iterations)." if args.brain_iterations else ""))
+    ours = [DEFAULTS + ", fixed labels"] if not args.no_defaults else ["textSCF refine (fixed labels only)"]
+    return rows, markdown(summaries, ours, "Brain MRI (real)", note)
 
 
 # ------------------------------------------------------------------------------------------------ real CT
@@ -288,8 +337,13 @@ def real_ct(args) -> tuple[list[dict], str]:
                   f"{100 * m['mean_dice']:.1f} % ({seconds:.1f} s)", flush=True)
 
         init = "affine" if case.startswith("affine") else "none"
-        candidates = [("textSCF", RegistrationOptions(checkpoint=args.checkpoint, preset="abdomen-ct", init=init,
-                                                       device=args.device))]
+        candidates = []
+        if not args.no_network_row:
+            candidates.append(("textSCF network alone", RegistrationOptions(
+                checkpoint=args.checkpoint, preset="abdomen-ct", init=init, device=args.device)))
+        if not args.no_defaults:
+            candidates += list(default_rows(args, checkpoint=args.checkpoint, preset="abdomen-ct", init=init,
+                                            device=args.device).items())
         if args.refine:
             candidates.append(("textSCF + refine", RegistrationOptions(
                 checkpoint=args.checkpoint, preset="abdomen-ct", init=init, device=args.device,
@@ -329,8 +383,14 @@ def main(argv=None) -> int:
     p.add_argument("--pair-offsets", type=int, nargs="+", default=None, help="a balanced subset of the abdomen test "
                    "pairs: moving = subject i, fixed = subject i + offset (mod 7) for each offset; '1 3' gives 14 pairs "
                    "with every subject moving twice and fixed twice (default: all 42 ordered pairs)")
-    p.add_argument("--refine", type=int, default=0, help="also run textSCF + N refinement iterations")
-    p.add_argument("--brain-iterations", type=int, default=150)
+    p.add_argument("--refine", type=int, default=0, help="also run textSCF + N network steps + 30 field steps per "
+                   "level, fixed labels only and both label maps")
+    p.add_argument("--no-defaults", action="store_true", help="leave out the row of `textscf register`'s defaults")
+    p.add_argument("--no-network-row", action="store_true", help="leave out the network-alone row")
+    p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
+                   help="variants of the default refinement to run as rows too: " +
+                   "; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
+    p.add_argument("--brain-iterations", type=int, default=0, help="also the fresh network refined N steps (old rows)")
     p.add_argument("--brain-field-iterations", type=int, default=50)
     p.add_argument("--brain-lr", type=float, default=1e-3)
     p.add_argument("--brain-smooth", type=float, default=1.0)

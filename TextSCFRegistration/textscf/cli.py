@@ -117,17 +117,21 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
                    help="diffeomorphic integration (scaling and squaring, 7 steps)")
     g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
     g.add_argument("--refine", type=refine_iterations_option, default=None, metavar="N",
-                   help="instance optimisation: N iterations of the network on this pair (0 = the network alone). "
-                   "Default: the default schedule, printed at the start and recorded in report.json (the bundled "
-                   "model: 12 network + 30 field steps; a fresh network: 150 + 50)")
+                   help="instance optimisation: N steps on the network's weights on this pair (0 = none; with no "
+                   "--refine-field either, the network's forward pass alone). Default: the default schedule, printed "
+                   "at the start and recorded in report.json (no network steps: the field itself is optimised, "
+                   "100 steps at 1/4 and 100 at 1/2 of the model grid, MIND-SSC similarity (+ intensity MSE for CT))")
     g.add_argument("--refine-lr", type=refine_lr_option, default=1e-3,
-                   help="refinement learning rate, in (0, 1] (default 1e-3)")
-    g.add_argument("--refine-field", type=refine_iterations_option, default=None, metavar="N",
-                   help="after the network steps, N cheap steps on the half-resolution displacement itself "
-                   "(default: the schedule's; 0 with --refine 0)")
-    g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=0.1, help="refinement smoothness weight λ (default 0.1)")
-    g.add_argument("--similarity", choices=["auto", "mse", "ncc"], default="auto",
-                   help="refinement image term: auto = MSE for CT, local NCC for MRI")
+                   help="learning rate of the network steps, in (0, 1] (default 1e-3)")
+    g.add_argument("--refine-field", type=refine_iterations_option, default=None, metavar="M",
+                   help="after the network steps, at most M steps on the displacement field itself at each level of "
+                   "the pyramid (1/4, then 1/2 of the model grid) (default: the schedule's, 100; 0 with --refine 0)")
+    g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=0.1,
+                   help="refinement smoothness weight λ of ‖∇u‖² (default 0.1)")
+    g.add_argument("--similarity", choices=["auto", "mind", "mind+mse", "mse", "ncc"], default="auto",
+                   help="refinement image term: mind = MIND-SSC self-similarity descriptors (any modality), mse = "
+                   "intensity difference (same scanner), mind+mse = both, ncc = local normalised cross-correlation; "
+                   "auto = mind+mse for CT, mind for MRI")
     g.add_argument("--segmentor-weights", type=path_option, help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
                    "no --fixed-labels is given; without either the pair is registered without regions (the shared "
                    "filter alone: plain LKU-Net)")
@@ -204,8 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="output folder (default: demo-output)")
     demo.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     demo.add_argument("--refine", type=refine_iterations_option, default=None, metavar="N",
-                      help="instance optimisation iterations on the pair (default: the default schedule, as "
-                      "`textscf register` and the Slicer module: 12, then 30 field steps; 0 = the network alone)")
+                      help="network steps on the pair (default: the default schedule, as `textscf register` and the "
+                      "Slicer module: no network steps, the field optimised at 1/4 and 1/2 of the model grid; 0 = "
+                      "the network alone)")
     demo.add_argument("--overwrite", action="store_true", help="replace existing output files")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     online = demo.add_argument_group("public sample CT (needs the internet once)")

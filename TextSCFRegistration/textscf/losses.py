@@ -1,4 +1,4 @@
-"""Training losses: similarity (MSE, local NCC), soft Dice on warped one-hot labels, diffusion regulariser.
+"""Training losses: similarity (MSE, local NCC, MIND-SSC descriptors), soft Dice on warped one-hot labels, diffusion regulariser.
 
 All functions take torch tensors ``(B, C, I, J, K)`` and are differentiable. The objective of textSCF is
 ``similarity + dice_weight * (1 - soft Dice) + smooth_weight * ||grad u||^2`` (:class:`RegistrationLoss`).
@@ -171,11 +171,31 @@ def local_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9) -
     return loss(warped, fixed)
 
 
+def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
+    """Mean squared difference of the MIND-SSC descriptors (:func:`textscf.mind.mind_ssc`) of two images; a scalar
+    >= 0, 0 for identical images. Modality-independent: an image and any monotone or inverted remapping of its
+    intensities have nearly the same descriptors.
+
+    Args:
+        warped, fixed: ``(B, 1, I, J, K)`` images.
+        radius, dilation: MIND-SSC patch radius and neighbour distance (voxels).
+    """
+    from textscf.mind import mind_ssc
+
+    _check_pair(warped, fixed, ("warped", "fixed"))
+    with torch.no_grad():
+        target = mind_ssc(fixed, radius, dilation)
+    return F.mse_loss(mind_ssc(warped, radius, dilation), target)
+
+
+SIMILARITIES = ("mse", "ncc", "mind")
+
+
 class RegistrationLoss(nn.Module):
     """textSCF objective: ``similarity + dice_weight * soft Dice loss + smooth_weight * gradient loss``.
 
     Args:
-        similarity: ``"mse"`` or ``"ncc"`` (local NCC, :func:`local_ncc_loss`).
+        similarity: ``"mse"``, ``"ncc"`` (local NCC, :func:`local_ncc_loss`) or ``"mind"`` (:func:`mind_loss`).
         dice_weight: weight of :func:`soft_dice_loss` (used only when both label tensors are given).
         smooth_weight: weight of :func:`gradient_loss`.
         ncc_window: NCC window side (odd), used when ``similarity == "ncc"``.
@@ -184,8 +204,8 @@ class RegistrationLoss(nn.Module):
     def __init__(self, similarity: str = "mse", dice_weight: float = 1.0, smooth_weight: float = 0.1,
                  ncc_window: int = 9) -> None:
         super().__init__()
-        if similarity not in ("mse", "ncc"):
-            raise InputError(f"similarity must be 'mse' or 'ncc', got {similarity!r}.")
+        if similarity not in SIMILARITIES:
+            raise InputError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
         for name, w in (("dice_weight", dice_weight), ("smooth_weight", smooth_weight)):
             if not math.isfinite(float(w)) or float(w) < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {w!r}.")
@@ -214,6 +234,8 @@ class RegistrationLoss(nn.Module):
             raise InputError("give both warped_labels_onehot and fixed_labels_onehot for the Dice term, or neither.")
         if self.similarity == "mse":
             sim = mse_loss(warped, fixed)
+        elif self.similarity == "mind":
+            sim = mind_loss(warped, fixed)
         else:
             _check_pair(warped, fixed, ("warped", "fixed"))
             sim = self._ncc(warped, fixed)

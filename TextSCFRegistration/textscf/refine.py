@@ -15,14 +15,16 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from textscf.errors import InputError
 from textscf.losses import RegistrationLoss, one_hot_regions
 from textscf.networks.textscf_net import TextSCFNet
-from textscf.schedule import FIELD_STEP_COST
+from textscf.schedule import field_step_cost
 from textscf.warp import SpatialTransformer, resize_field
 
 PARAMETER_GROUPS = ("all", "head")
+SIMILARITIES = ("mse", "ncc", "mind", "mind+mse")
 # "head" also adapts the decoder layers that feed it.
 _HEAD_GROUP_PREFIXES = ("head.", "backbone.dc5.", "backbone.dc6.", "backbone.up3.")
 
@@ -31,18 +33,40 @@ _HEAD_GROUP_PREFIXES = ("head.", "backbone.dc5.", "backbone.dc6.", "backbone.up3
 class RefineSettings:
     """Settings of :func:`refine_on_pair`.
 
+    Two phases, each optional: network steps (Adam on the network's weights, the textSCF structure kept), then field
+    steps (Adam on the displacement field itself, coarse to fine over ``field_levels``, starting from the network's
+    field when there were network steps, else from zero).
+
     Attributes:
-        iterations: maximum optimisation steps on the network weights.
+        iterations: maximum optimisation steps on the network weights (0 = none).
         learning_rate: Adam learning rate for the weights.
-        smooth_weight: λ of the ‖∇u‖² term.
+        smooth_weight: λ of the ‖∇u‖² term (voxels of the grid the field lives on).
         dice_weight: weight of the Dice term (used only when the moving regions are given).
-        similarity: "mse" (same modality and scanner) or "ncc" (local NCC, window ``ncc_window``).
+        similarity: the image term: "mind" (MSE of MIND-SSC descriptors, :mod:`textscf.mind`), "mse" (same modality
+            and scanner), "mind+mse" (both, the intensity term weighted ``intensity_weight``) or "ncc" (local NCC,
+            window ``ncc_window``).
         parameters: "all" weights or only the "head" and the last decoder layers.
-        field_iterations: extra steps on the half-resolution displacement field itself (0 = none).
-        field_learning_rate: Adam learning rate for those steps (voxels).
-        patience: stop when the smoothed loss has not improved by ``min_improvement`` (relative) for this many steps.
+        field_iterations: maximum steps on the displacement field at each pyramid level (0 = none).
+        field_learning_rate: Adam learning rate for those steps (voxels of the level's grid).
+        field_levels: the pyramid, coarse to fine: each level's field grid is the model grid coarsened by this
+            factor (images or descriptors average-pooled to it).
+        field_smooth_weight: λ for the field steps; None = ``smooth_weight``.
+        field_smoothing: passes of a 3x3x3 box mean over the field inside the loss (the optimised field is the
+            smoothed parameter, as ConvexAdam does: fewer folds than a larger λ for the same alignment).
+        field_similarity: image term of the field steps; None = ``similarity``.
+        field_sample_fraction: share of a level's voxels (drawn anew every step) at which the MIND or MSE term is
+            evaluated (1 = all); NCC always uses every voxel.
+        boundary_weight: weight of ‖∇u‖² across a boundary between two of the fixed image's regions (1 = a plain
+            diffusion regulariser; < 1 lets the field slide there, as textSCF's region filters do).
+        network_start: without network steps, still start the field steps from the network's forward pass
+            (False: from the zero field, without running the network).
+        mind_radius, mind_dilation: MIND-SSC patch radius and neighbour distance (model-grid voxels).
+        mind_factor: compute the descriptors on the images pooled by this factor (1 = the model grid).
+        intensity_weight: with "mind+mse", the intensity MSE's weight relative to the descriptors' MSE.
+        patience: stop a phase (or a pyramid level) when the smoothed loss has not improved by ``min_improvement``
+            (relative) for this many steps; 0 = never.
         min_improvement: relative improvement that counts as progress.
-        seed: seeds torch, so the same inputs give the same field on the CPU.
+        seed: seeds torch (and the voxel sampling), so the same inputs give the same field on the CPU.
         show_progress: draw a tqdm bar.
     """
 
@@ -54,7 +78,19 @@ class RefineSettings:
     ncc_window: int = 9
     parameters: str = "all"
     field_iterations: int = 0
-    field_learning_rate: float = 0.05
+    field_learning_rate: float = 0.1
+    field_levels: tuple[int, ...] = (4, 2)
+    field_smooth_weight: float | None = None
+    field_smoothing: int = 1
+    field_similarity: str | None = None
+    field_sample_fraction: float = 0.25
+    field_samples: int = 0
+    boundary_weight: float = 1.0
+    network_start: bool = False
+    mind_radius: int = 1
+    mind_dilation: int = 2
+    mind_factor: int = 1
+    intensity_weight: float = 1.0
     patience: int = 25
     min_improvement: float = 1e-3
     seed: int = 0
@@ -104,12 +140,22 @@ class _Plateau:
 
 
 class _Pace:
-    """Steps done and seconds left across the two phases (network steps, then field steps)."""
+    """Steps done and seconds left across the phases (network steps, then field steps at each pyramid level).
 
-    def __init__(self, network_steps: int, field_steps: int):
-        self.planned = {"network": network_steps, "field": field_steps}
-        self.counted = {"network": 0, "field": 0}  # steps run, or skipped by an early stop
-        self.timed = {"network": [0, 0.0], "field": [0, 0.0]}  # steps run and their seconds
+    ``phases`` maps a phase name to ``(planned steps, relative cost of one step)``; the seconds left are the remaining
+    steps' cost at the rate measured over the steps run so far (None before the first step).
+    """
+
+    def __init__(self, phases: dict[str, tuple[int, float]]):
+        self.planned = {name: int(steps) for name, (steps, _) in phases.items()}
+        self.cost = {name: float(cost) for name, (_, cost) in phases.items()}
+        self.counted = dict.fromkeys(self.planned, 0)  # steps run, or skipped by an early stop
+        self.seconds = 0.0
+        self.cost_done = 0.0
+
+    @property
+    def total(self) -> int:
+        return sum(self.planned.values())
 
     @property
     def done(self) -> int:
@@ -117,29 +163,69 @@ class _Pace:
 
     def step_done(self, phase: str, seconds: float) -> None:
         self.counted[phase] += 1
-        self.timed[phase][0] += 1
-        self.timed[phase][1] += seconds
+        self.seconds += seconds
+        self.cost_done += self.cost[phase]
 
     def skip_rest(self, phase: str) -> None:
         self.counted[phase] = self.planned[phase]
 
-    def _seconds_per_step(self, phase: str) -> float | None:
-        steps, seconds = self.timed[phase]
-        if steps:
-            return seconds / steps
-        network = self._seconds_per_step("network") if phase == "field" else None
-        return None if network is None else FIELD_STEP_COST * network
-
     def seconds_left(self) -> float | None:
-        total = 0.0
-        for phase in ("network", "field"):
-            remaining = self.planned[phase] - self.counted[phase]
-            if remaining > 0:
-                per_step = self._seconds_per_step(phase)
-                if per_step is None:
-                    return None
-                total += remaining * per_step
-        return total
+        if self.cost_done <= 0:
+            return None
+        rate = self.seconds / self.cost_done
+        return sum(max(self.planned[p] - self.counted[p], 0) * self.cost[p] * rate for p in self.planned)
+
+
+def _warper(shape, device, padding_mode="border"):
+    """``warp(x, u, at=None) = x(p + u(p))`` on a grid of ``shape`` (u in voxels of that grid, grid_sample with
+    align_corners); with ``at`` (flat voxel indices) only at those voxels, as ``(B, C, N)``."""
+    axes = [torch.linspace(-1.0, 1.0, n, device=device) if n > 1 else torch.zeros(1, device=device) for n in shape]
+    base = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1)[None]  # (1, I, J, K, 3) along axes i, j, k
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in shape], device=device)
+
+    def warp(x, u, at=None):
+        if at is None:
+            grid = (base + u.permute(0, 2, 3, 4, 1) * scale).flip(-1)  # grid_sample wants (k, j, i)
+            return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+        points = base.reshape(1, -1, 3)[:, at] + u.flatten(2)[:, :, at].transpose(1, 2) * scale
+        grid = points.flip(-1).reshape(1, 1, 1, -1, 3)
+        out = F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+        return out.reshape(x.shape[0], x.shape[1], -1)
+
+    return warp
+
+
+def _pool(x, factor):
+    return x if factor == 1 else F.avg_pool3d(x, factor, stride=factor, ceil_mode=True)
+
+
+def _smooth(u, passes):
+    """``passes`` times the mean over a 3x3x3 box (replicate padding)."""
+    from textscf.mind import box_mean
+
+    for _ in range(passes):
+        u = box_mean(u, 1)
+    return u
+
+
+def _boundary_weights(regions, shape, weight):
+    """Per-axis weights of the forward differences: 1 inside a region, ``weight`` across a region boundary."""
+    r = F.interpolate(regions.float(), size=tuple(shape), mode="nearest")
+    out = []
+    for axis in range(3):
+        a = r.narrow(2 + axis, 1, r.shape[2 + axis] - 1)
+        b = r.narrow(2 + axis, 0, r.shape[2 + axis] - 1)
+        out.append(torch.where(a == b, 1.0, float(weight)).float())
+    return out
+
+
+def _weighted_gradient_loss(u, weights):
+    total = 0.0
+    for axis in range(3):
+        d = u.narrow(2 + axis, 1, u.shape[2 + axis] - 1) - u.narrow(2 + axis, 0, u.shape[2 + axis] - 1)
+        d2 = d.pow(2)
+        total = total + (d2 if weights is None else d2 * weights[axis]).mean()
+    return total / 3.0
 
 
 def reset_weights(net: TextSCFNet, seed: int) -> None:
@@ -193,6 +279,14 @@ def refine_on_pair(
     settings = settings or RefineSettings()
     if settings.iterations < 0 or settings.field_iterations < 0:
         raise InputError("refinement iterations must be >= 0")
+    if settings.field_iterations > 0 and (not settings.field_levels or any(
+            isinstance(v, bool) or int(v) != v or int(v) < 1 for v in settings.field_levels)):
+        raise InputError(f"the field pyramid's levels must be whole factors >= 1 (e.g. (4, 2)), got "
+                         f"{settings.field_levels!r}")
+    if not 0.0 < settings.field_sample_fraction <= 1.0 or settings.field_samples < 0:
+        raise InputError("the field steps' voxel sample must be a fraction in (0, 1] and a count >= 0 (0 = all)")
+    if not settings.boundary_weight >= 0.0:
+        raise InputError(f"the boundary weight must be >= 0, got {settings.boundary_weight!r}")
     device = torch.device(device)
     start = time.perf_counter()
     torch.manual_seed(settings.seed)
@@ -215,24 +309,61 @@ def refine_on_pair(
         present = (fixed_onehot.sum((0, 2, 3, 4)) > 0) | (moving_onehot.sum((0, 2, 3, 4)) > 0)
         present[0] = True  # keep the background channel where soft_dice_loss expects it
         fixed_onehot, moving_onehot = fixed_onehot[:, present], moving_onehot[:, present]
-    criterion = RegistrationLoss(settings.similarity, settings.dice_weight if use_dice else 0.0,
-                                 settings.smooth_weight, ncc_window=settings.ncc_window)
+    if settings.similarity not in SIMILARITIES:
+        raise InputError(f"unknown similarity {settings.similarity!r}; choose one of {SIMILARITIES}")
+    field_similarity = settings.field_similarity or settings.similarity
+    if field_similarity not in SIMILARITIES:
+        raise InputError(f"unknown field similarity {field_similarity!r}; choose one of {SIMILARITIES}")
+    descriptors = {}
+
+    def features(similarity: str, factor: int = 1):
+        """What the MSE-type terms compare, (moving, fixed), computed once: the images ("mse"), their MIND-SSC
+        descriptors ("mind", images pooled by ``factor`` first), or both ("mind+mse": the image as extra channels
+        weighing ``intensity_weight`` times as much as the 12 descriptor channels together)."""
+        key = (similarity, factor)
+        if key not in descriptors:
+            if similarity == "mse":
+                descriptors[key] = (m, f)
+            else:
+                from textscf.mind import mind_ssc
+
+                with torch.no_grad():
+                    pair = tuple(mind_ssc(_pool(x, factor), settings.mind_radius, settings.mind_dilation)
+                                 for x in (m, f))
+                    if similarity == "mind+mse":
+                        w = math.sqrt(float(settings.intensity_weight) * pair[0].shape[1])
+                        pair = tuple(torch.cat([d, w * x], 1) for d, x in zip(pair, (m, f)))
+                descriptors[key] = pair
+        return descriptors[key]
+
+    # With MIND the network's warp moves the moving image's descriptors, compared by MSE with the fixed ones.
+    descriptor_based = settings.similarity in ("mind", "mind+mse")
+    criterion = RegistrationLoss("mse" if descriptor_based else settings.similarity,
+                                 settings.dice_weight if use_dice else 0.0, settings.smooth_weight,
+                                 ncc_window=settings.ncc_window)
     label_warp = SpatialTransformer()
 
     def loss_of(displacement, warped, regularised):
         warped_onehot = label_warp(moving_onehot, displacement) if use_dice else None
-        total, _ = criterion(warped, f, regularised, warped_onehot, fixed_onehot if use_dice else None)
+        target = f
+        if descriptor_based:
+            moving_features, target = features(settings.similarity)
+            warped = label_warp(moving_features, displacement)
+        total, _ = criterion(warped, target, regularised, warped_onehot, fixed_onehot if use_dice else None)
         return total
 
     result = RefineResult(displacement=np.zeros((3,) + tuple(fixed.shape), np.float32))
-    total_steps = settings.iterations + settings.field_iterations
+    levels = tuple(int(v) for v in settings.field_levels) if settings.field_iterations > 0 else ()
+    phases = {"network": (settings.iterations, 1.0)}
+    for factor in levels:
+        phases[f"field@{factor}"] = (settings.field_iterations, field_step_cost(factor))
+    pace = _Pace(phases)
+    total_steps = pace.total
     bar = None
     if settings.show_progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total_steps, desc="refine", unit="it", leave=False)
-
-    pace = _Pace(settings.iterations, settings.field_iterations)
 
     def optimise(parameters, learning_rate, iterations, loss_fn, phase: str) -> tuple[int, bool]:
         """Adam steps on ``loss_fn()`` until ``iterations`` or a plateau; returns (steps run, stopped early)."""
@@ -265,26 +396,77 @@ def refine_on_pair(
         out = model(m, f, regions, p)
         return loss_of(out.displacement, out.warped, out.regularised_field)
 
+    field_smooth = settings.smooth_weight if settings.field_smooth_weight is None else settings.field_smooth_weight
+
+    def field_pyramid(displacement):
+        """Adam on the displacement field itself, coarse to fine (``settings.field_levels``, factors of the grid)."""
+        size = tuple(fixed.shape)
+        mf = settings.mind_factor if field_similarity == "mind" else 1
+        feat_m, feat_f = features("mse" if field_similarity == "ncc" else field_similarity, mf)
+        u = None
+        iterations_run = 0
+        for factor in levels:
+            fm, ff = _pool(feat_m, max(factor // mf, 1)), _pool(feat_f, max(factor // mf, 1))
+            shape = tuple(ff.shape[2:])
+            start_field = displacement if u is None else u
+            init = resize_field(start_field, shape, rescale=True)
+            half = torch.nn.Parameter(init.detach().clone())
+            warp = _warper(shape, device)
+            weights = None
+            if settings.boundary_weight != 1.0:
+                weights = _boundary_weights(regions, shape, settings.boundary_weight)
+            mo = mo_f = None
+            if use_dice:
+                mo, mo_f = _pool(moving_onehot, factor), _pool(fixed_onehot, factor)
+            ncc = None
+            if field_similarity == "ncc":
+                from monai.losses import LocalNormalizedCrossCorrelationLoss
+                ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.ncc_window,
+                                                          kernel_type="rectangular")
+
+            voxels = math.prod(shape)
+            samples = int(round(settings.field_sample_fraction * voxels))
+            if settings.field_samples > 0:
+                samples = min(voxels, int(settings.field_samples))
+            sampling = ncc is None and 0 < samples < voxels
+            generator = torch.Generator(device=device).manual_seed(settings.seed + factor)
+            ff_flat = ff.flatten(2)
+
+            def level_loss():
+                v = _smooth(half, settings.field_smoothing)
+                if sampling:  # a new random subset of voxels every step (stochastic gradient, as elastix samples)
+                    at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
+                    sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
+                elif ncc is not None:
+                    sim = ncc(warp(fm, v), ff)
+                else:
+                    sim = (warp(fm, v) - ff).pow(2).mean()
+                total = sim + field_smooth * _weighted_gradient_loss(v, weights)
+                if use_dice:
+                    from textscf.losses import soft_dice_loss
+                    total = total + settings.dice_weight * soft_dice_loss(warp(mo, v), mo_f)
+                return total
+
+            steps, _ = optimise([half], settings.field_learning_rate, settings.field_iterations, level_loss,
+                                f"field@{factor}")
+            iterations_run += steps
+            u = _smooth(half.detach(), settings.field_smoothing)
+        result.field_iterations_run = iterations_run
+        return resize_field(u, size, rescale=True)
+
     try:
-        result.iterations_run, result.stopped_early = optimise(
-            _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss,
-            "network")
-        model.eval()
-        with torch.no_grad():
-            displacement = model(m, f, regions, p).displacement.detach()
+        if settings.iterations > 0 or settings.network_start or settings.field_iterations == 0:
+            result.iterations_run, result.stopped_early = optimise(
+                _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss,
+                "network")
+            model.eval()
+            with torch.no_grad():
+                displacement = model(m, f, regions, p).displacement.detach()
+        else:
+            displacement = torch.zeros((1, 3) + tuple(fixed.shape), device=device)
 
         if settings.field_iterations > 0:
-            size = tuple(fixed.shape)
-            half = torch.nn.Parameter(resize_field(displacement, tuple(s // 2 for s in size)))
-            transformer = SpatialTransformer()
-
-            def field_loss():
-                full = resize_field(half, size)
-                return loss_of(full, transformer(m, full), full)
-
-            result.field_iterations_run, _ = optimise([half], settings.field_learning_rate,
-                                                      settings.field_iterations, field_loss, "field")
-            displacement = resize_field(half.detach(), size)
+            displacement = field_pyramid(displacement)
     finally:
         if bar is not None:
             bar.close()
