@@ -131,7 +131,7 @@ def test_totalsegmentator_preset_maps_liver_to_liver():
         "'right adrenal gland' (label 8), 'left adrenal gland' (label 9). They will not guide the registration."]
     seg = segmentor.predict(label_map)
     raw = sitk.GetArrayFromImage(label_map).transpose(2, 1, 0)
-    regions = seg.labels_array()
+    regions = seg.regions_array()
     for region, value in (("liver", 5), ("aorta", 52), ("inferior vena cava", 63), ("stomach", 6)):
         np.testing.assert_array_equal(regions == seg.region_names.index(region), raw == value)
 
@@ -175,7 +175,7 @@ def test_example_totalsegmentator_map_through_the_engine(shared_data):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # esophagus is not in this map
         seg = segment_fixed(image, label_map, resolve_prompts(None, options), options, device=None)
-    regions = seg.labels_array()
+    regions = seg.regions_array()
     for region, ts_name in (("liver", "liver"), ("stomach", "stomach"), ("aorta", "aorta"),
                             ("portal and splenic vein", "portal_vein_and_splenic_vein")):
         value = {n: int(v) for v, n in json.loads((folder / "ct_example_labels.json").read_text(encoding="utf-8")).items()}[ts_name]

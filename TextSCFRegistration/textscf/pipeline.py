@@ -610,7 +610,7 @@ def register(
         stats["overlap_after_initial_alignment"] = round(check_overlap(fixed, moving, init, how), 4)
 
     with steps.stage("resample to model grid"):
-        body = sitk.Cast(seg.labels > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.labels) else None
+        body = sitk.Cast(seg.regions > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.regions) else None
         grid = model_grid(net.config, fixed, body)
         fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
         moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
@@ -620,7 +620,7 @@ def register(
         else:
             # Region indices -> rows of the text matrix the prompts use.
             lut = np.array([0] + rows, dtype=np.int64)
-            regions_m = lut[image_to_array(resample_to_grid(seg.labels, grid, None, "nearest", 0)).astype(np.int64)]
+            regions_m = lut[image_to_array(resample_to_grid(seg.regions, grid, None, "nearest", 0)).astype(np.int64)]
             confidence_m = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(
                 np.float32)
 
@@ -631,7 +631,7 @@ def register(
             moving_regions_m = None
             if guide:
                 moving_regions_m = lut[image_to_array(
-                    resample_to_grid(moving_seg.labels, grid, init, "nearest", 0)).astype(np.int64)]
+                    resample_to_grid(moving_seg.regions, grid, init, "nearest", 0)).astype(np.int64)]
             settings = RefineSettings(
                 iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
                 smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,

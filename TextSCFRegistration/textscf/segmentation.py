@@ -76,15 +76,6 @@ class Segmentation:
         """Region indices as an ``(I, J, K)`` int64 array (what the network takes)."""
         return sitk.GetArrayFromImage(self.regions).transpose(2, 1, 0).astype(np.int64)
 
-    # The old names, which said "labels" for region indices. Kept only until pipeline.py, worker.py and
-    # Testing/test_presets.py use ``regions`` / ``regions_array``; then delete them.
-    @property
-    def labels(self) -> sitk.Image:
-        return self.regions
-
-    def labels_array(self) -> np.ndarray:
-        return self.regions_array()
-
     def confidence_array(self) -> np.ndarray:
         """Confidence as an ``(I, J, K)`` float32 array."""
         return np.ascontiguousarray(sitk.GetArrayFromImage(self.confidence).transpose(2, 1, 0), dtype=np.float32)

@@ -140,7 +140,7 @@ def segment_images(images, segment: dict, options, progress) -> list:
     for number, (role, image) in enumerate(images):
         progress(f"Segmenting the {role} image", number / len(images))
         segmentation = segmentor.predict(image)
-        label_image = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(segmentation.labels)])
+        label_image = sitk.GetImageFromArray(lookup[sitk.GetArrayViewFromImage(segmentation.regions)])
         label_image.CopyInformation(image)
         labels.append(label_image)
     return labels
