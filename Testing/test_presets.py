@@ -239,7 +239,7 @@ def test_cli_brain_preset_with_the_bundled_model_says_what_works(tmp_path, capsy
     sitk.WriteImage(labels, str(tmp_path / "labels.nii.gz"))
     # the bundled one-hot CT model, named explicitly, cannot take the brain regions: the message says what works
     # (without --checkpoint the default schedule picks a fresh network for MRI by itself)
-    from textscf.pipeline import bundled_model_path
+    from textscf.presets import bundled_model_path
 
     assert main(["register", *paths, "-o", str(tmp_path / "out"), "--preset", "brain-mri", "--device", "cpu",
                  "--checkpoint", str(bundled_model_path()), "--fixed-labels", str(tmp_path / "labels.nii.gz"),

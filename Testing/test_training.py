@@ -211,7 +211,7 @@ def test_the_shipped_12mm_network_registers_validation_pairs_on_its_own():
     per-pair optimisation (measured at training time: 22.5 % -> 34.6 % over the 6 validation pairs)."""
     from textscf.checkpoint import load_checkpoint
     from textscf.datasets import PairDataset
-    from textscf.pipeline import bundled_model_path
+    from textscf.presets import bundled_model_path
     from textscf.spatial import IntensityNormaliser
     from textscf.training_cli import load_source, prepare_subject
 

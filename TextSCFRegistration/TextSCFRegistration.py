@@ -1291,7 +1291,7 @@ class TextSCFRegistrationLogic(ScriptedLoadableModuleLogic):
         """
         from textscf.checkpoint import read_checkpoint_file
         from textscf.errors import CheckpointError
-        from textscf.pipeline import bundled_model_path
+        from textscf.presets import bundled_model_path
 
         path = os.path.abspath(str(checkpoint or bundled_model_path()))
         stat = os.stat(path) if os.path.isfile(path) else None
@@ -1738,11 +1738,10 @@ class _ModelPlan:
 
 def _progressReporter(progressCallback):
     """``report(stage, fraction, secondsLeft=None)``: clamps the fraction and calls ``progressCallback`` with the
-    seconds left when it takes them (``textscf.pipeline.takes_seconds_left``; imported only with a callback, as
-    ``textscf.pipeline`` imports torch)."""
+    seconds left when it takes them (``textscf.schedule.takes_seconds_left``, torch-free)."""
     withSeconds = False
     if progressCallback is not None:
-        from textscf.pipeline import takes_seconds_left
+        from textscf.schedule import takes_seconds_left
 
         withSeconds = takes_seconds_left(progressCallback)
 

@@ -577,7 +577,7 @@ def inference_model(name: str, shape_override=None):
     if name == "bundled":
         from textscf.checkpoint import load_checkpoint
         from textscf.phantom import make_example_pair
-        from textscf.pipeline import bundled_model_path
+        from textscf.presets import bundled_model_path
         from textscf.spatial import IntensityNormaliser, image_to_array
 
         net, _ = load_checkpoint(bundled_model_path())

@@ -403,7 +403,7 @@ def main(argv=None) -> int:
         print(f"benchmark needs the real data at {SHARED}", file=sys.stderr)
         return 2
     if args.checkpoint is None:
-        from textscf.pipeline import bundled_model_path
+        from textscf.presets import bundled_model_path
 
         args.checkpoint = str(bundled_model_path())
     peers.set_threads(args.threads)

@@ -9,7 +9,6 @@ the refinement loss: scoring never changes the field.
 """
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from contextlib import contextmanager
@@ -28,10 +27,11 @@ from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
 from textscf.networks.inference import for_inference
 from textscf.networks.textscf_net import TextSCFConfig, TextSCFNet
-from textscf.presets import load_preset, model_rows
+from textscf.presets import bundled_model_path, load_preset, model_rows  # noqa: F401 (bundled_model_path: public here too)
 from textscf.results import RegistrationResult
 from textscf.schedule import (
-    Schedule, default_schedule, fresh_grid_factor, fresh_grid_shape, similarity_for, with_steps,
+    Schedule, default_schedule, fresh_grid_factor, fresh_grid_shape, similarity_for, takes_seconds_left,
+    with_steps,
 )
 from textscf.segmentation import LabelMapSegmentor, Segmentation, SwinUNETRSegmentor
 from textscf.spatial import (
@@ -48,7 +48,6 @@ from textscf.spatial import (
 )
 from textscf.text import EmbeddingCache, canonical_encoder_name, make_text_encoder, resolve_template, validate_region_names
 
-BUNDLED_MODEL = "abdomen-ct-onehot-ns8.pt"
 
 # progress(stage name, overall fraction in [0, 1], estimated seconds left or None); see :class:`_Progress`.
 ProgressCallback = Callable[[str, float, "float | None"], None]
@@ -137,15 +136,6 @@ class Prompts:
     background_labels: list[int] = field(default_factory=list)
 
 
-def takes_seconds_left(callback: Callable) -> bool:
-    """Whether a progress callback takes the third argument (seconds left); older ones take (stage, fraction)."""
-    try:
-        inspect.signature(callback).bind("stage", 0.0, None)
-    except (TypeError, ValueError):  # ValueError: no signature to inspect (some builtins)
-        return False
-    return True
-
-
 class _Progress:
     """One progress report for the whole run: (stage, overall fraction, seconds left), monotonic; checks cancel.
 
@@ -228,17 +218,6 @@ class _Progress:
 
     def finish(self):
         self._emit("done", 1.0, 0.0)
-
-
-def bundled_model_path() -> Path:
-    """Path of the bundled default model (CheckpointError if this installation has none)."""
-    path = Path(str(resources.files("textscf") / "resources" / "models" / BUNDLED_MODEL))
-    if not path.is_file():
-        raise CheckpointError(
-            f"this installation has no bundled model ({path}); pass a checkpoint with --checkpoint "
-            "(train one with `textscf train`)"
-        )
-    return path
 
 
 def select_device(requested: str) -> tuple[torch.device, str | None]:

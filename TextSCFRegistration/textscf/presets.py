@@ -17,8 +17,9 @@ from types import MappingProxyType
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
+from pathlib import Path
 
-from textscf.errors import PromptError
+from textscf.errors import CheckpointError, PromptError
 
 # Region keys holding the name another tool gives the region.
 _ALIAS_KEYS = ("totalsegmentator_name", "freesurfer_name")
@@ -174,3 +175,18 @@ def model_rows(model_region_names, region_names) -> tuple[list[int], list[str]]:
         else:
             unknown.append(name)
     return rows, unknown
+
+
+#: The bundled default model, in resources/models (its model card beside it).
+BUNDLED_MODEL = "abdomen-ct-onehot-ns8.pt"
+
+
+def bundled_model_path() -> Path:
+    """Path of the bundled default model (CheckpointError if this installation has none). No torch import."""
+    path = Path(str(resources.files("textscf") / "resources" / "models" / BUNDLED_MODEL))
+    if not path.is_file():
+        raise CheckpointError(
+            f"this installation has no bundled model ({path}); pass a checkpoint with --checkpoint "
+            "(train one with `textscf train`)"
+        )
+    return path

@@ -10,6 +10,7 @@ This module does not import torch, so the Slicer widget can describe the schedul
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import asdict, dataclass
 
@@ -211,3 +212,13 @@ def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int |
                     estimate_refine_seconds(schedule.grid_shape, steps, fields, schedule.device,
                                             schedule.field_levels), "options",
                     schedule.reason, schedule.field_levels, schedule.similarity)
+
+
+def takes_seconds_left(callback) -> bool:
+    """Whether a progress callback takes the third argument (seconds left); older ones take (stage, fraction).
+    (The progress contract: docs/ARCHITECTURE.md, "Progress".)"""
+    try:
+        inspect.signature(callback).bind("stage", 0.0, None)
+    except (TypeError, ValueError):  # ValueError: no signature to inspect (some builtins)
+        return False
+    return True
