@@ -546,138 +546,188 @@ def register(
     steps = _Progress(progress, cancel)
     torch.manual_seed(options.seed)
     stats: dict = {}
-
     with steps.stage("load model"):
-        device, note = select_device(options.device)
-        has_regions = fixed_labels is not None or bool(options.segmentor_weights)
-        net, checkpoint, prompts, schedule = load_network(fixed, options, device, has_regions)
-        text_matrix, rows = text_matrix_for(net, prompts)
-        net.set_text_matrix(text_matrix)
-        guide = _check_label_guidance(options, schedule, moving_labels, has_regions)
-        if note:
-            warnings.warn(note, stacklevel=2)
-            stats["device_note"] = note
-        stats["schedule"] = schedule.as_dict()
-        steps.expect_refinement(schedule.estimated_seconds)
-        stats["moving_labels"] = ("scoring and the refinement loss (Dice weight "
-                                  f"{options.refine_label_weight:g})" if guide else
-                                  "scoring only" if moving_labels is not None else "none")
-        if log is not None:
-            log(f"schedule: {schedule.describe()}")
-            if moving_labels is not None and fixed_labels is None:
-                log("the moving label map is warped, but Dice/HD95 need the fixed label map too (--fixed-labels)")
-
+        run = _load_stage(fixed, options, fixed_labels, moving_labels, stats, log)
+        steps.expect_refinement(run.schedule.estimated_seconds)
     with steps.stage("segment fixed image"):
-        seg = segment_fixed(fixed, fixed_labels, prompts, options, device)
-        moving_seg = None
-        if moving_labels is not None and prompts.region_names:
-            # Same validation as the fixed map (integer, prompts for every value, same grid as its image);
-            # its "region absent" warnings would repeat the fixed map's. Guided refinement reuses the regions.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, prompts), prompts.label_values,
-                                               prompts.region_names, options.unmapped_labels).predict(moving)
-
+        seg, moving_seg = _segment_stage(fixed, moving, fixed_labels, moving_labels, run, options)
     with steps.stage("initial alignment"):
-        if initial_transform is not None:
-            init = initial_transform
-            stats["initial_alignment"] = "given: " + describe_transform(init)
-        else:
-            init = initial_alignment(fixed, moving, options.init, seed=options.seed)
-            stats["initial_alignment"] = f"{options.init}: {describe_transform(init)}"
-        how = "--initial-transform" if initial_transform is not None else f"--init {options.init}"
-        stats["overlap_after_initial_alignment"] = round(check_overlap(fixed, moving, init, how), 4)
-
+        init = _initial_stage(fixed, moving, options, initial_transform, stats)
     with steps.stage("resample to model grid"):
-        body = sitk.Cast(seg.regions > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.regions) else None
-        grid = model_grid(net.config, fixed, body)
-        fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
-        moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
-        if seg is None:  # no regions: every voxel is background with confidence 0, so only w_r acts
-            regions_m = np.zeros(grid.shape, np.int64)
-            confidence_m = np.zeros(grid.shape, np.float32)
-        else:
-            # Region indices -> rows of the text matrix the prompts use.
-            lut = np.array([0] + rows, dtype=np.int64)
-            regions_m = lut[image_to_array(resample_to_grid(seg.regions, grid, None, "nearest", 0)).astype(np.int64)]
-            confidence_m = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(
-                np.float32)
-
+        inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows)
     with steps.stage("register"):
-        if schedule.steps > 0:
-            from textscf.refine import RefineSettings, refine_on_pair
-
-            moving_regions_m = None
-            if guide:
-                moving_regions_m = lut[image_to_array(
-                    resample_to_grid(moving_seg.regions, grid, init, "nearest", 0)).astype(np.int64)]
-            settings = RefineSettings(
-                iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
-                smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
-                similarity=schedule.similarity, seed=options.seed,
-                field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
-            )
-            steps.plan_refinement(schedule.estimated_seconds)
-            refined = refine_on_pair(net, moving_m, fixed_m, regions_m, confidence_m, moving_regions_m,
-                                     settings=settings, device=device, cancel=steps.check_cancel,
-                                     progress=steps.refinement_step)
-            u_model, run_note = refined.displacement, None
-            stats["refine"] = refined.summary()
-        else:
-            u_model, run_note = run_network(net, moving_m, fixed_m, regions_m, confidence_m, device)
-        if run_note:
-            warnings.warn(run_note, stacklevel=2)
-            stats["device_note"] = run_note
-        stats["device"] = "cpu" if run_note else str(device)
-
+        u_model = _register_stage(run, inputs, moving_seg, init, options, steps, stats)
     with steps.stage("resample field"):
-        field = field_outputs(u_model, grid, fixed, init, moving, moving_labels)
-        total, jac, warped, warped_labels = field.total, field.jacobian, field.warped, field.warped_labels
-        jacobian = sitk.GetImageFromArray(jac.transpose(2, 1, 0))
+        field = field_outputs(u_model, inputs.grid, fixed, init, moving, moving_labels)
+        jacobian = sitk.GetImageFromArray(field.jacobian.transpose(2, 1, 0))
         jacobian.CopyInformation(fixed)
-
     with steps.stage("evaluate"):
-        region_mask = None
-        stats.update(
-            sdlogj=metrics.sdlogj(jac, region_mask),
-            folding_percent=metrics.folding_percent(jac),
-            jacobian_min=float(jac.min()),
-            jacobian_max=float(jac.max()),
-            max_displacement_mm=field.max_displacement_mm,
-        )
+        stats.update(field_statistics(field))
         if moving_labels is not None and fixed_labels is not None:
-            before = resample_to_grid(moving_labels, fixed, None, "nearest", 0)
-            dice_before, hd_before = region_metrics(fixed_labels, before, prompts)
-            dice, hd = region_metrics(fixed_labels, warped_labels, prompts)
-            # Learn2Reg averages only the regions present in both scans; an organ missing from one cannot be aligned.
-            in_both = regions_in_both(fixed_labels, moving_labels, prompts)
-            stats.update(
-                dice=dice, hd95_mm=hd, dice_before=dice_before, hd95_mm_before=hd_before,
-                mean_dice=metrics.mean_ignoring_nan(dice), mean_dice_before=metrics.mean_ignoring_nan(dice_before),
-                mean_hd95_mm=metrics.mean_ignoring_nan(hd), mean_hd95_mm_before=metrics.mean_ignoring_nan(hd_before),
-                regions_in_both=in_both,
-                mean_dice_in_both=metrics.mean_ignoring_nan({r: dice[r] for r in in_both}),
-                mean_dice_before_in_both=metrics.mean_ignoring_nan({r: dice_before[r] for r in in_both}),
-            )
-            if init is not None:
-                aligned = resample_to_grid(moving_labels, fixed, init, "nearest", 0)
-                dice_init, _ = region_metrics(fixed_labels, aligned, prompts)
-                stats["mean_dice_initial_alignment"] = metrics.mean_ignoring_nan(dice_init)
+            stats.update(overlap_statistics(fixed_labels, moving_labels, field.warped_labels, init, run.prompts))
 
     stats["seconds_per_stage"] = dict(steps.seconds)
     stats["seconds_total"] = round(sum(steps.seconds.values()), 3)
-    stats["model_grid"] = {"shape": list(grid.shape), "spacing": list(grid.spacing)}
-    stats["checkpoint"] = str(checkpoint)
+    stats["model_grid"] = {"shape": list(inputs.grid.shape), "spacing": list(inputs.grid.spacing)}
+    stats["checkpoint"] = str(run.checkpoint)
     steps.finish()
-    return RegistrationResult(
-        displacement=total,
-        warped=warped,
-        jacobian=jacobian,
-        warped_labels=warped_labels,
-        stats=stats,
-        region_names=["background"] + list(prompts.region_names),
-        initial_transform=init,
+    return RegistrationResult(displacement=field.total, warped=field.warped, jacobian=jacobian,
+                              warped_labels=field.warped_labels, stats=stats,
+                              region_names=["background"] + list(run.prompts.region_names), initial_transform=init)
+
+
+@dataclass
+class _Run:
+    """What the "load model" stage decides: the device, the network with its text matrix set, the prompts, the rows
+    of the text matrix they use, the schedule and whether the moving labels enter the refinement loss."""
+
+    device: torch.device
+    net: TextSCFNet
+    checkpoint: str
+    prompts: Prompts
+    rows: list[int]
+    schedule: Schedule
+    guide: bool
+
+
+def _load_stage(fixed, options: RegistrationOptions, fixed_labels, moving_labels, stats: dict, log) -> _Run:
+    device, note = select_device(options.device)
+    has_regions = fixed_labels is not None or bool(options.segmentor_weights)
+    net, checkpoint, prompts, schedule = load_network(fixed, options, device, has_regions)
+    text_matrix, rows = text_matrix_for(net, prompts)
+    net.set_text_matrix(text_matrix)
+    guide = _check_label_guidance(options, schedule, moving_labels, has_regions)
+    if note:
+        warnings.warn(note, stacklevel=3)
+        stats["device_note"] = note
+    stats["schedule"] = schedule.as_dict()
+    stats["moving_labels"] = ("scoring and the refinement loss (Dice weight "
+                              f"{options.refine_label_weight:g})" if guide else
+                              "scoring only" if moving_labels is not None else "none")
+    if log is not None:
+        log(f"schedule: {schedule.describe()}")
+        if moving_labels is not None and fixed_labels is None:
+            log("the moving label map is warped, but Dice/HD95 need the fixed label map too (--fixed-labels)")
+    return _Run(device, net, checkpoint, prompts, rows, schedule, guide)
+
+
+def _segment_stage(fixed, moving, fixed_labels, moving_labels, run: _Run, options: RegistrationOptions):
+    """The fixed image's regions (label map or segmentor; None without either) and, with a moving label map, the
+    moving image's (validated like the fixed map; used when guiding the refinement)."""
+    seg = segment_fixed(fixed, fixed_labels, run.prompts, options, run.device)
+    moving_seg = None
+    if moving_labels is not None and run.prompts.region_names:
+        # its "region absent" warnings would repeat the fixed map's
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            moving_seg = LabelMapSegmentor(_clear_background_labels(moving_labels, run.prompts),
+                                           run.prompts.label_values, run.prompts.region_names,
+                                           options.unmapped_labels).predict(moving)
+    return seg, moving_seg
+
+
+def _initial_stage(fixed, moving, options: RegistrationOptions, initial_transform, stats: dict):
+    if initial_transform is not None:
+        init = initial_transform
+        stats["initial_alignment"] = "given: " + describe_transform(init)
+    else:
+        init = initial_alignment(fixed, moving, options.init, seed=options.seed)
+        stats["initial_alignment"] = f"{options.init}: {describe_transform(init)}"
+    how = "--initial-transform" if initial_transform is not None else f"--init {options.init}"
+    stats["overlap_after_initial_alignment"] = round(check_overlap(fixed, moving, init, how), 4)
+    return init
+
+
+@dataclass
+class ModelInputs:
+    """The pair on the model grid: normalised images ``(I, J, K)``, region rows of the text matrix and confidence
+    (zeros without regions: every voxel is background with confidence 0, so only w_r acts), and ``lut`` (region index
+    -> text-matrix row; None without regions)."""
+
+    grid: ModelGrid
+    fixed: np.ndarray
+    moving: np.ndarray
+    regions: np.ndarray
+    confidence: np.ndarray
+    lut: np.ndarray | None
+
+
+def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init, rows: list[int]) -> ModelInputs:
+    body = sitk.Cast(seg.regions > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.regions) else None
+    grid = model_grid(net.config, fixed, body)
+    fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
+    moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
+    if seg is None:
+        return ModelInputs(grid, fixed_m, moving_m, np.zeros(grid.shape, np.int64), np.zeros(grid.shape, np.float32),
+                           None)
+    lut = np.array([0] + rows, dtype=np.int64)
+    regions = lut[image_to_array(resample_to_grid(seg.regions, grid, None, "nearest", 0)).astype(np.int64)]
+    confidence = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(np.float32)
+    return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut)
+
+
+def _register_stage(run: _Run, inputs: ModelInputs, moving_seg, init, options: RegistrationOptions,
+                    steps: "_Progress", stats: dict) -> np.ndarray:
+    """The model-grid voxel field: the network's forward pass, or the schedule's refinement on this pair."""
+    schedule = run.schedule
+    if schedule.steps > 0:
+        from textscf.refine import RefineSettings, refine_on_pair
+
+        moving_regions = None
+        if run.guide:
+            moving_regions = inputs.lut[image_to_array(
+                resample_to_grid(moving_seg.regions, inputs.grid, init, "nearest", 0)).astype(np.int64)]
+        settings = RefineSettings(
+            iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
+            smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
+            similarity=schedule.similarity, seed=options.seed,
+            field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
+        )
+        steps.plan_refinement(schedule.estimated_seconds)
+        refined = refine_on_pair(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
+                                 moving_regions, settings=settings, device=run.device, cancel=steps.check_cancel,
+                                 progress=steps.refinement_step)
+        u_model, run_note = refined.displacement, None
+        stats["refine"] = refined.summary()
+    else:
+        u_model, run_note = run_network(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
+                                        run.device)
+    if run_note:
+        warnings.warn(run_note, stacklevel=3)
+        stats["device_note"] = run_note
+    stats["device"] = "cpu" if run_note else str(run.device)
+    return u_model
+
+
+def field_statistics(field: "FieldOutputs", region_mask=None) -> dict:
+    """Regularity of the deformable part: SDlogJ, % |J| <= 0, the Jacobian's range and the largest displacement."""
+    jac = field.jacobian
+    return dict(sdlogj=metrics.sdlogj(jac, region_mask), folding_percent=metrics.folding_percent(jac),
+                jacobian_min=float(jac.min()), jacobian_max=float(jac.max()),
+                max_displacement_mm=field.max_displacement_mm)
+
+
+def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts: Prompts) -> dict:
+    """Dice and HD95 per region before, after and (with an initial alignment) after the initial alignment alone;
+    means over all regions and over those present in both label maps (Learn2Reg's: an organ missing from one scan
+    cannot be aligned)."""
+    before = resample_to_grid(moving_labels, fixed_labels, None, "nearest", 0)
+    dice_before, hd_before = region_metrics(fixed_labels, before, prompts)
+    dice, hd = region_metrics(fixed_labels, warped_labels, prompts)
+    in_both = regions_in_both(fixed_labels, moving_labels, prompts)
+    out = dict(
+        dice=dice, hd95_mm=hd, dice_before=dice_before, hd95_mm_before=hd_before,
+        mean_dice=metrics.mean_ignoring_nan(dice), mean_dice_before=metrics.mean_ignoring_nan(dice_before),
+        mean_hd95_mm=metrics.mean_ignoring_nan(hd), mean_hd95_mm_before=metrics.mean_ignoring_nan(hd_before),
+        regions_in_both=in_both,
+        mean_dice_in_both=metrics.mean_ignoring_nan({r: dice[r] for r in in_both}),
+        mean_dice_before_in_both=metrics.mean_ignoring_nan({r: dice_before[r] for r in in_both}),
     )
+    if init is not None:
+        aligned = resample_to_grid(moving_labels, fixed_labels, init, "nearest", 0)
+        dice_init, _ = region_metrics(fixed_labels, aligned, prompts)
+        out["mean_dice_initial_alignment"] = metrics.mean_ignoring_nan(dice_init)
+    return out
 
 
 @dataclass
