@@ -81,13 +81,13 @@ refine_lr_option = float_option(0.0, 1.0, low_inclusive=False, what="a learning 
 seed_option = int_option(0, SEED_MAX, what="a seed")
 
 
-def _comma_list(text: str) -> list[str]:
+def comma_list_option(text: str) -> list[str]:
     return [part.strip() for part in text.split(",")]
 
 
-def _int_list(text: str) -> list[int]:
+def int_list_option(text: str) -> list[int]:
     try:
-        return [int(v) for v in _comma_list(text)]
+        return [int(v) for v in comma_list_option(text)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
@@ -97,8 +97,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint", type=path_option, help="textscf checkpoint (.pt); default: the bundled abdomen CT model. "
                    "'fresh' starts from a new network and needs --refine")
     g.add_argument("--preset", help="prompt preset: abdomen-ct (13 organs) or brain-mri (FreeSurfer structures)")
-    g.add_argument("--prompts", type=_comma_list, help='region names, e.g. "liver,spleen" (with --label-values)')
-    g.add_argument("--label-values", type=_int_list, help='label value of each prompt in the label maps, e.g. "6,1"')
+    g.add_argument("--prompts", type=comma_list_option, help='region names, e.g. "liver,spleen" (with --label-values)')
+    g.add_argument("--label-values", type=int_list_option, help='label value of each prompt in the label maps, e.g. "6,1"')
     g.add_argument("--template", help='prompt template with one "{}", or a name: photo, photo-abdomen, ct-abdomen, mri-brain')
     g.add_argument("--encoder", help="the text encoder the checkpoint must have been trained with (a check: "
                    "onehot or open_clip:MODEL:PRETRAINED)")
@@ -231,12 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     from textscf import training_cli
 
     training_cli.add_train_parser(sub)
-    try:
-        from textscf import evaluate
-    except ImportError:  # evaluation extras not installed
-        evaluate = None
-    if evaluate is not None:
-        evaluate.add_evaluate_parser(sub)
+    from textscf import evaluate_cli
+
+    evaluate_cli.add_evaluate_parser(sub)
     return parser
 
 

@@ -42,7 +42,6 @@ from textscf.evaluation.statistics import PER_PAIR_COLUMNS, PER_REGION_COLUMNS, 
 from textscf.io import MANIFEST_NAME, OutputFolder
 
 # cli.py builds its parser from this module: the command itself lives in evaluate_cli.py
-from textscf.evaluate_cli import add_evaluate_parser  # noqa: F401
 
 OUTPUT_NAMES = ("per_region.csv", "per_pair.csv", "summary.md", "dice_boxplot.png")
 

@@ -11,7 +11,7 @@ from textscf.evaluation.report import format_mean_std
 def add_evaluate_parser(sub) -> None:
     """Add ``textscf evaluate`` to the ``textscf`` sub-command parsers."""
     from textscf.cli import (  # the option types of every textscf command have one definition, there
-        _comma_list, _int_list, add_label_guidance_options, int_option, output_folder_option, path_option,
+        comma_list_option, int_list_option, add_label_guidance_options, int_option, output_folder_option, path_option,
         refine_iterations_option, refine_lr_option, seed_option,
     )
     from textscf.training_cli import DEFAULT_SHARED_DATA
@@ -35,8 +35,8 @@ def add_evaluate_parser(sub) -> None:
     g = p.add_argument_group("model and registration")
     g.add_argument("--checkpoint", type=path_option, help="textscf checkpoint (.pt); default: the bundled model")
     g.add_argument("--preset", help="prompt preset: abdomen-ct or brain-mri")
-    g.add_argument("--prompts", type=_comma_list, help='region names, e.g. "liver,spleen" (with --label-values)')
-    g.add_argument("--label-values", type=_int_list, help='label value of each prompt, e.g. "6,1"')
+    g.add_argument("--prompts", type=comma_list_option, help='region names, e.g. "liver,spleen" (with --label-values)')
+    g.add_argument("--label-values", type=int_list_option, help='label value of each prompt, e.g. "6,1"')
     g.add_argument("--unmapped-labels", choices=["error", "background"], default="error",
                    help="label values without a prompt: stop with an error (default) or treat them as background")
     g.add_argument("--init", choices=["none", "center", "affine"], default="center",
