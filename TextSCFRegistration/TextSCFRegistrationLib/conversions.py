@@ -82,13 +82,6 @@ def setImageGeometryFromNode(image, volumeNode):
     return image
 
 
-def sameGrid(a, b, tolerance=1e-4):
-    return (tuple(a.GetSize()) == tuple(b.GetSize())
-            and np.allclose(a.GetOrigin(), b.GetOrigin(), atol=tolerance * max(b.GetSpacing()))
-            and np.allclose(a.GetSpacing(), b.GetSpacing(), rtol=tolerance)
-            and np.allclose(a.GetDirection(), b.GetDirection(), atol=tolerance))
-
-
 # -- images: SimpleITK or raw NRRD, read into node buffers ------------------------------------------------------------
 
 class SitkImageSource:
@@ -396,7 +389,9 @@ def labelImageFromNode(node, referenceVolumeNode, regionNames=None, labelValues=
         raise InputError(f"'{node.GetName()}' is neither a segmentation nor a labelmap volume")
     image = volumeNodeToSitk(node, checkFinite=False)
     reference = volumeNodeToSitk(referenceVolumeNode, checkFinite=False, withVoxels=False)
-    if not sameGrid(image, reference):
+    from textscf.spatial import same_grid  # the engine's one grid tolerance (docs/ARCHITECTURE.md)
+
+    if not same_grid(image, reference):
         image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0.0, image.GetPixelID())
     image = sitk.Cast(image, sitk.sitkInt32)
     if regionNames is None:
