@@ -106,3 +106,11 @@ def test_field_outputs_take_the_itk_path_for_other_initial_transforms_and_agree(
     assert fast.max_displacement_mm == pytest.approx(itk.max_displacement_mm, rel=1e-5)
     assert np.abs(sitk.GetArrayFromImage(fast.warped).astype(int) - sitk.GetArrayFromImage(itk.warped)).max() <= 1
     assert (sitk.GetArrayFromImage(fast.warped_labels) != sitk.GetArrayFromImage(itk.warped_labels)).mean() < 1e-3
+
+
+def test_the_last_use_can_release_the_field(case):
+    fixed, _, _, grid, u = case
+    deformation = Deformation(u, grid, fixed, _initials()["rigid"])
+    kept = image_to_array(deformation.total_image())
+    released = image_to_array(deformation.total_image(release=True))
+    assert np.array_equal(kept, released) and deformation.d_mm is None

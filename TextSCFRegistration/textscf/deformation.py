@@ -178,9 +178,10 @@ class Deformation:
             out[rows.start:rows.stop] = _determinant(u)[rows.start - lo:rows.stop - lo]
         return out.numpy()
 
-    def total_image(self, pixel_type: int = sitk.sitkVectorFloat32) -> sitk.Image:
+    def total_image(self, pixel_type: int = sitk.sitkVectorFloat32, release: bool = False) -> sitk.Image:
         """``initial(x + d(x)) - x`` as a 3-vector image on the fixed grid (LPS mm); float32 (what the outputs
-        store), ``sitkVectorFloat64`` on request (ITK's displacement-field transform casts to it anyway)."""
+        store), ``sitkVectorFloat64`` on request (ITK's displacement-field transform casts to it anyway).
+        ``release=True`` frees the field before the image is built (the last use: one full-size copy less)."""
         dtype = np.float64 if pixel_type == sitk.sitkVectorFloat64 else np.float32
         arr = np.empty((*self.fixed_grid.shape[::-1], 3), dtype=dtype)  # ITK's (K, J, I, 3) buffer order
         m = torch.as_tensor(self.initial_matrix, dtype=torch.float32)
@@ -193,6 +194,8 @@ class Deformation:
             else:
                 total = d.permute(1, 2, 3, 0)
             arr[:, :, rows.start:rows.stop] = total.permute(2, 1, 0, 3).numpy()
+        if release:
+            self.d_mm = None
         img = sitk.GetImageFromArray(arr, isVector=True)
         self.fixed_grid.apply_to(img)
         return img

@@ -754,9 +754,10 @@ def field_outputs(u_model: np.ndarray, grid: ModelGrid, fixed: sitk.Image, init:
     if deformation.supports(init):
         with torch.inference_mode():
             d = deformation.Deformation(u_model, grid, fixed, init)
+            jacobian, longest = d.jacobian(), d.max_length_mm()
+            warped = d.warp(moving, "linear", _background(moving))
             labels = d.warp(moving_labels, "nearest", 0) if moving_labels is not None else None
-            return FieldOutputs(d.total_image(), d.jacobian(), d.max_length_mm(),
-                                d.warp(moving, "linear", _background(moving)), labels)
+            return FieldOutputs(d.total_image(release=True), jacobian, longest, warped, labels)
     deformable = resample_displacement(voxel_displacement_to_physical(u_model, grid), fixed)
     jac = metrics.jacobian_determinant(physical_displacement_to_voxel(deformable, fixed)).astype(np.float32)
     total = compose_with_initial(deformable, init)
