@@ -829,24 +829,18 @@ def test_dependency_check_lists_only_missing_packages(mod):
         assert (requirement in missing) == (importlib.util.find_spec(module_name) is None)
 
 
-# Still in pyproject.toml because changing its dependency list rebuilds every developer's environment
-# (scripts/with-env keys the environment on it); nothing imports it. Remove both together.
-NOT_YET_DROPPED_FROM_PYPROJECT = {"einops>=0.7"}
-
-
 def test_requirements_have_one_home_that_pyproject_follows(mod):
     import tomllib
 
     root = Path(__file__).resolve().parents[1]
     shipped = [r["requirement"] for r in mod._engineRequirements()]
     declared = tomllib.loads((root / "pyproject.toml").read_text(encoding="utf-8"))["project"]["dependencies"]
-    assert sorted(shipped) == sorted(set(declared) - NOT_YET_DROPPED_FROM_PYPROJECT)
+    assert sorted(shipped) == sorted(declared)
     assert mod.TORCH_REQUIREMENT == ">=2.1" and "torch" not in mod.ENGINE_REQUIREMENTS
     assert mod.ENGINE_REQUIREMENTS["open_clip"] == "open_clip_torch>=2.24"
-    # The dropped dependency really is unused
-    for path in list((root / "TextSCFRegistration").rglob("*.py")) + list((root / "benchmarks").rglob("*.py")):
-        text = path.read_text(encoding="utf-8")
-        assert "import einops" not in text and "from einops" not in text, path
+    # einops: nothing of ours imports it, but MONAI's SwinUNETR (the segmentor) does, lazily: it must be installed
+    swin = importlib.util.find_spec("monai.networks.nets.swin_unetr")
+    assert '"einops"' in Path(swin.origin).read_text(encoding="utf-8") and "einops>=0.7" in shipped
 
 
 def test_install_pins_every_installed_package(mod, logic, monkeypatch):
