@@ -227,3 +227,18 @@ def test_time_left_before_the_refinement_counts_the_refinement_ahead(pair, tiny_
     expected = result.stats["schedule"]["estimated_seconds"]
     before = [left for stage, _, left in updates if stage in ("initial alignment", "resample to model grid")]
     assert before and all(left >= expected for left in before)
+
+
+def test_a_non_finite_field_is_refused_with_its_cause_and_fix():
+    import numpy as np
+
+    from textscf.errors import CheckpointError, InputError
+    from textscf.pipeline import _check_finite_field
+
+    u = np.zeros((3, 4, 4, 4), np.float32)
+    _check_finite_field(u, refined=True)  # finite: nothing to say
+    u[0, 1, 2, 3], u[2, 0, 0, 0] = np.nan, np.inf
+    with pytest.raises(InputError, match=r"refinement diverged: 2 .*--refine-lr"):
+        _check_finite_field(u, refined=True)
+    with pytest.raises(CheckpointError, match=r"network produced 2 .*check the checkpoint"):
+        _check_finite_field(u, refined=False)

@@ -696,7 +696,21 @@ def _register_stage(run: _Run, inputs: ModelInputs, moving_seg, init, options: R
         warnings.warn(run_note, stacklevel=3)
         stats["device_note"] = run_note
     stats["device"] = "cpu" if run_note else str(run.device)
+    _check_finite_field(u_model, refined=schedule.steps > 0)
     return u_model
+
+
+def _check_finite_field(u_model: np.ndarray, refined: bool) -> None:
+    """InputError naming the cause and the fix when the field holds NaN/Inf (nothing is written then)."""
+    bad = int(np.size(u_model) - np.count_nonzero(np.isfinite(u_model)))
+    if not bad:
+        return
+    if refined:
+        raise InputError(f"the refinement diverged: {bad} displacement components are NaN or infinite. Fix: lower "
+                         "the learning rate (--refine-lr, default 1e-3) or raise the smoothness weight "
+                         "(--refine-smooth, default 0.1), or leave both at their defaults")
+    raise CheckpointError(f"the network produced {bad} NaN or infinite displacement components. Fix: check the "
+                          "checkpoint (retrain or re-download it) and the input intensities")
 
 
 def field_statistics(field: "FieldOutputs", region_mask=None) -> dict:
