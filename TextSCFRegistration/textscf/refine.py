@@ -277,6 +277,34 @@ def refine_on_pair(
         :class:`RefineResult` with the refined displacement ``(3, I, J, K)`` in model-grid voxels.
     """
     settings = settings or RefineSettings()
+    _check_settings(settings)
+    device = torch.device(device)
+    start = time.perf_counter()
+    torch.manual_seed(settings.seed)
+    model = copy.deepcopy(net).to(device).train()
+    if fresh:
+        reset_weights(model, settings.seed)
+    pair = _Pair(model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device)
+    result = RefineResult(displacement=np.zeros((3,) + tuple(fixed.shape), np.float32))
+    loop = _Loop(settings, result, cancel, progress)
+    try:
+        if settings.iterations > 0 or settings.network_start or settings.field_iterations == 0:
+            displacement = _network_phase(model, pair, settings, loop)
+        else:
+            displacement = torch.zeros((1, 3) + tuple(fixed.shape), device=device)
+        if settings.field_iterations > 0:
+            displacement = _field_pyramid(displacement, pair, settings, loop)
+    finally:
+        loop.close()
+    result.displacement = displacement[0].cpu().numpy().astype(np.float32)
+    result.seconds = time.perf_counter() - start
+    for prm in model.parameters():
+        prm.requires_grad_(True)
+    result.network = model.eval()
+    return result
+
+
+def _check_settings(settings: RefineSettings) -> None:
     if settings.iterations < 0 or settings.field_iterations < 0:
         raise InputError("refinement iterations must be >= 0")
     if settings.field_iterations > 0 and (not settings.field_levels or any(
@@ -287,193 +315,193 @@ def refine_on_pair(
         raise InputError("the field steps' voxel sample must be a fraction in (0, 1] and a count >= 0 (0 = all)")
     if not settings.boundary_weight >= 0.0:
         raise InputError(f"the boundary weight must be >= 0, got {settings.boundary_weight!r}")
-    device = torch.device(device)
-    start = time.perf_counter()
-    torch.manual_seed(settings.seed)
-    model = copy.deepcopy(net).to(device).train()
-    if fresh:
-        reset_weights(model, settings.seed)
+    for name, similarity in (("similarity", settings.similarity),
+                             ("field similarity", settings.field_similarity or settings.similarity)):
+        if similarity not in SIMILARITIES:
+            raise InputError(f"unknown {name} {similarity!r}; choose one of {SIMILARITIES}")
 
-    def t(a, dtype=torch.float32):
-        return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)[None, None]
 
-    m, f = t(moving), t(fixed)
-    regions = t(fixed_regions, torch.long)
-    p = None if confidence is None else t(confidence)
-    n = model.num_regions
-    use_dice = moving_regions is not None and settings.dice_weight > 0
-    fixed_onehot = moving_onehot = None
-    if use_dice:
-        fixed_onehot = one_hot_regions(regions, n)
-        moving_onehot = one_hot_regions(t(moving_regions, torch.long), n)
-        present = (fixed_onehot.sum((0, 2, 3, 4)) > 0) | (moving_onehot.sum((0, 2, 3, 4)) > 0)
-        present[0] = True  # keep the background channel where soft_dice_loss expects it
-        fixed_onehot, moving_onehot = fixed_onehot[:, present], moving_onehot[:, present]
-    if settings.similarity not in SIMILARITIES:
-        raise InputError(f"unknown similarity {settings.similarity!r}; choose one of {SIMILARITIES}")
-    field_similarity = settings.field_similarity or settings.similarity
-    if field_similarity not in SIMILARITIES:
-        raise InputError(f"unknown field similarity {field_similarity!r}; choose one of {SIMILARITIES}")
-    descriptors = {}
+class _Pair:
+    """The pair as tensors on the device ``(1, 1, I, J, K)``, the one-hot label maps of the Dice term (only the
+    regions present in either), and what the similarity compares, computed once per (similarity, pooling)."""
 
-    def features(similarity: str, factor: int = 1):
+    def __init__(self, model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device):
+        def t(a, dtype=torch.float32):
+            return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)[None, None]
+
+        self.settings, self.device, self.shape = settings, device, tuple(fixed.shape)
+        self.m, self.f = t(moving), t(fixed)
+        self.regions = t(fixed_regions, torch.long)
+        self.p = None if confidence is None else t(confidence)
+        self.use_dice = moving_regions is not None and settings.dice_weight > 0
+        self.fixed_onehot = self.moving_onehot = None
+        if self.use_dice:
+            n = model.num_regions
+            fixed_onehot = one_hot_regions(self.regions, n)
+            moving_onehot = one_hot_regions(t(moving_regions, torch.long), n)
+            present = (fixed_onehot.sum((0, 2, 3, 4)) > 0) | (moving_onehot.sum((0, 2, 3, 4)) > 0)
+            present[0] = True  # keep the background channel where soft_dice_loss expects it
+            self.fixed_onehot, self.moving_onehot = fixed_onehot[:, present], moving_onehot[:, present]
+        self.field_similarity = settings.field_similarity or settings.similarity
+        self._features = {}
+
+    def features(self, similarity: str, factor: int = 1):
         """What the MSE-type terms compare, (moving, fixed), computed once: the images ("mse"), their MIND-SSC
         descriptors ("mind", images pooled by ``factor`` first), or both ("mind+mse": the image as extra channels
         weighing ``intensity_weight`` times as much as the 12 descriptor channels together)."""
         key = (similarity, factor)
-        if key not in descriptors:
+        if key not in self._features:
             if similarity == "mse":
-                descriptors[key] = (m, f)
+                self._features[key] = (self.m, self.f)
             else:
                 from textscf.mind import mind_ssc
 
+                s = self.settings
                 with torch.no_grad():
-                    pair = tuple(mind_ssc(_pool(x, factor), settings.mind_radius, settings.mind_dilation)
-                                 for x in (m, f))
+                    pair = tuple(mind_ssc(_pool(x, factor), s.mind_radius, s.mind_dilation) for x in (self.m, self.f))
                     if similarity == "mind+mse":
-                        w = math.sqrt(float(settings.intensity_weight) * pair[0].shape[1])
-                        pair = tuple(torch.cat([d, w * x], 1) for d, x in zip(pair, (m, f)))
-                descriptors[key] = pair
-        return descriptors[key]
+                        w = math.sqrt(float(s.intensity_weight) * pair[0].shape[1])
+                        pair = tuple(torch.cat([d, w * x], 1) for d, x in zip(pair, (self.m, self.f)))
+                self._features[key] = pair
+        return self._features[key]
 
-    # With MIND the network's warp moves the moving image's descriptors, compared by MSE with the fixed ones.
-    descriptor_based = settings.similarity in ("mind", "mind+mse")
-    criterion = RegistrationLoss("mse" if descriptor_based else settings.similarity,
-                                 settings.dice_weight if use_dice else 0.0, settings.smooth_weight,
-                                 ncc_window=settings.ncc_window)
-    label_warp = SpatialTransformer()
 
-    def loss_of(displacement, warped, regularised):
-        warped_onehot = label_warp(moving_onehot, displacement) if use_dice else None
-        target = f
-        if descriptor_based:
-            moving_features, target = features(settings.similarity)
-            warped = label_warp(moving_features, displacement)
-        total, _ = criterion(warped, target, regularised, warped_onehot, fixed_onehot if use_dice else None)
-        return total
+class _Loop:
+    """Adam steps with early stopping, shared by the network and the field phases: the pace of the whole run, the
+    progress callback, cancel, the optional tqdm bar and the loss record."""
 
-    result = RefineResult(displacement=np.zeros((3,) + tuple(fixed.shape), np.float32))
-    levels = tuple(int(v) for v in settings.field_levels) if settings.field_iterations > 0 else ()
-    phases = {"network": (settings.iterations, 1.0)}
-    for factor in levels:
-        phases[f"field@{factor}"] = (settings.field_iterations, field_step_cost(factor))
-    pace = _Pace(phases)
-    total_steps = pace.total
-    bar = None
-    if settings.show_progress:
-        from tqdm.auto import tqdm
+    def __init__(self, settings: RefineSettings, result: RefineResult, cancel, progress):
+        self.settings, self.result, self.cancel, self.progress = settings, result, cancel, progress
+        levels = tuple(int(v) for v in settings.field_levels) if settings.field_iterations > 0 else ()
+        phases = {"network": (settings.iterations, 1.0)}
+        for factor in levels:
+            phases[f"field@{factor}"] = (settings.field_iterations, field_step_cost(factor))
+        self.levels = levels
+        self.pace = _Pace(phases)
+        self.bar = None
+        if settings.show_progress:
+            from tqdm.auto import tqdm
 
-        bar = tqdm(total=total_steps, desc="refine", unit="it", leave=False)
+            self.bar = tqdm(total=self.pace.total, desc="refine", unit="it", leave=False)
 
-    def optimise(parameters, learning_rate, iterations, loss_fn, phase: str) -> tuple[int, bool]:
+    def optimise(self, parameters, learning_rate, iterations, loss_fn, phase: str) -> tuple[int, bool]:
         """Adam steps on ``loss_fn()`` until ``iterations`` or a plateau; returns (steps run, stopped early)."""
         optimiser = torch.optim.Adam(parameters, lr=learning_rate)
-        plateau = _Plateau(settings.patience, settings.min_improvement)
+        plateau = _Plateau(self.settings.patience, self.settings.min_improvement)
         for step in range(iterations):
-            if cancel is not None:
-                cancel()
+            if self.cancel is not None:
+                self.cancel()
             started = time.perf_counter()
             optimiser.zero_grad(set_to_none=True)
             loss = loss_fn()
             loss.backward()
             optimiser.step()
             value = float(loss.detach())
-            result.losses.append(value)
-            pace.step_done(phase, time.perf_counter() - started)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{value:.4g}")
+            self.result.losses.append(value)
+            self.pace.step_done(phase, time.perf_counter() - started)
+            if self.bar is not None:
+                self.bar.update(1)
+                self.bar.set_postfix(loss=f"{value:.4g}")
             stop = plateau.update(value)
             if stop:
-                pace.skip_rest(phase)
-            if progress is not None:
-                progress(pace.done, total_steps, pace.seconds_left())
+                self.pace.skip_rest(phase)
+            if self.progress is not None:
+                self.progress(self.pace.done, self.pace.total, self.pace.seconds_left())
             if stop:
                 return step + 1, True
         return iterations, False
 
-    def network_loss():
-        out = model(m, f, regions, p)
-        return loss_of(out.displacement, out.warped, out.regularised_field)
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
+
+def _network_phase(model, pair: _Pair, settings: RefineSettings, loop: _Loop) -> torch.Tensor:
+    """Adam on the network's weights (the groups of ``settings.parameters``); returns its field ``(1, 3, I, J, K)``.
+    With MIND the network's warp moves the moving image's descriptors, compared by MSE with the fixed ones."""
+    descriptor_based = settings.similarity in ("mind", "mind+mse")
+    criterion = RegistrationLoss("mse" if descriptor_based else settings.similarity,
+                                 settings.dice_weight if pair.use_dice else 0.0, settings.smooth_weight,
+                                 ncc_window=settings.ncc_window)
+    label_warp = SpatialTransformer()
+
+    def network_loss():
+        out = model(pair.m, pair.f, pair.regions, pair.p)
+        warped_onehot = label_warp(pair.moving_onehot, out.displacement) if pair.use_dice else None
+        warped, target = out.warped, pair.f
+        if descriptor_based:
+            moving_features, target = pair.features(settings.similarity)
+            warped = label_warp(moving_features, out.displacement)
+        total, _ = criterion(warped, target, out.regularised_field, warped_onehot, pair.fixed_onehot)
+        return total
+
+    loop.result.iterations_run, loop.result.stopped_early = loop.optimise(
+        _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss, "network")
+    model.eval()
+    with torch.no_grad():
+        return model(pair.m, pair.f, pair.regions, pair.p).displacement.detach()
+
+
+def _field_pyramid(displacement: torch.Tensor, pair: _Pair, settings: RefineSettings, loop: _Loop) -> torch.Tensor:
+    """Adam on the displacement field itself, coarse to fine (``settings.field_levels``, factors of the grid),
+    starting from ``displacement``; returns the model-grid field ``(1, 3, I, J, K)``."""
+    mf = settings.mind_factor if pair.field_similarity == "mind" else 1
+    feat_m, feat_f = pair.features("mse" if pair.field_similarity == "ncc" else pair.field_similarity, mf)
+    u = None
+    iterations_run = 0
+    for factor in loop.levels:
+        pooled = max(factor // mf, 1)
+        start = displacement if u is None else u
+        half, level_loss = _field_level(start, _pool(feat_m, pooled), _pool(feat_f, pooled), factor, pair, settings)
+        steps, _ = loop.optimise([half], settings.field_learning_rate, settings.field_iterations, level_loss,
+                                 f"field@{factor}")
+        iterations_run += steps
+        u = _smooth(half.detach(), settings.field_smoothing)
+    loop.result.field_iterations_run = iterations_run
+    return resize_field(u, pair.shape, rescale=True)
+
+
+def _field_level(start: torch.Tensor, fm: torch.Tensor, ff: torch.Tensor, factor: int, pair: _Pair,
+                 settings: RefineSettings):
+    """One pyramid level: the field parameter (``start`` resized to the level's grid) and its loss — the
+    similarity on a random voxel sample each step (or all voxels / local NCC), the (boundary-weighted) diffusion
+    regulariser and, with moving labels, the Dice term."""
+    device = pair.device
+    shape = tuple(ff.shape[2:])
+    half = torch.nn.Parameter(resize_field(start, shape, rescale=True).detach().clone())
+    warp = _warper(shape, device)
+    weights = _boundary_weights(pair.regions, shape, settings.boundary_weight) if settings.boundary_weight != 1.0 \
+        else None
+    mo = mo_f = None
+    if pair.use_dice:
+        mo, mo_f = _pool(pair.moving_onehot, factor), _pool(pair.fixed_onehot, factor)
+    ncc = None
+    if pair.field_similarity == "ncc":
+        from monai.losses import LocalNormalizedCrossCorrelationLoss
+        ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.ncc_window,
+                                                  kernel_type="rectangular")
+    voxels = math.prod(shape)
+    samples = int(round(settings.field_sample_fraction * voxels))
+    if settings.field_samples > 0:
+        samples = min(voxels, int(settings.field_samples))
+    sampling = ncc is None and 0 < samples < voxels
+    generator = torch.Generator(device=device).manual_seed(settings.seed + factor)
+    ff_flat = ff.flatten(2)
     field_smooth = settings.smooth_weight if settings.field_smooth_weight is None else settings.field_smooth_weight
 
-    def field_pyramid(displacement):
-        """Adam on the displacement field itself, coarse to fine (``settings.field_levels``, factors of the grid)."""
-        size = tuple(fixed.shape)
-        mf = settings.mind_factor if field_similarity == "mind" else 1
-        feat_m, feat_f = features("mse" if field_similarity == "ncc" else field_similarity, mf)
-        u = None
-        iterations_run = 0
-        for factor in levels:
-            fm, ff = _pool(feat_m, max(factor // mf, 1)), _pool(feat_f, max(factor // mf, 1))
-            shape = tuple(ff.shape[2:])
-            start_field = displacement if u is None else u
-            init = resize_field(start_field, shape, rescale=True)
-            half = torch.nn.Parameter(init.detach().clone())
-            warp = _warper(shape, device)
-            weights = None
-            if settings.boundary_weight != 1.0:
-                weights = _boundary_weights(regions, shape, settings.boundary_weight)
-            mo = mo_f = None
-            if use_dice:
-                mo, mo_f = _pool(moving_onehot, factor), _pool(fixed_onehot, factor)
-            ncc = None
-            if field_similarity == "ncc":
-                from monai.losses import LocalNormalizedCrossCorrelationLoss
-                ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.ncc_window,
-                                                          kernel_type="rectangular")
-
-            voxels = math.prod(shape)
-            samples = int(round(settings.field_sample_fraction * voxels))
-            if settings.field_samples > 0:
-                samples = min(voxels, int(settings.field_samples))
-            sampling = ncc is None and 0 < samples < voxels
-            generator = torch.Generator(device=device).manual_seed(settings.seed + factor)
-            ff_flat = ff.flatten(2)
-
-            def level_loss():
-                v = _smooth(half, settings.field_smoothing)
-                if sampling:  # a new random subset of voxels every step (stochastic gradient, as elastix samples)
-                    at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
-                    sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
-                elif ncc is not None:
-                    sim = ncc(warp(fm, v), ff)
-                else:
-                    sim = (warp(fm, v) - ff).pow(2).mean()
-                total = sim + field_smooth * _weighted_gradient_loss(v, weights)
-                if use_dice:
-                    from textscf.losses import soft_dice_loss
-                    total = total + settings.dice_weight * soft_dice_loss(warp(mo, v), mo_f)
-                return total
-
-            steps, _ = optimise([half], settings.field_learning_rate, settings.field_iterations, level_loss,
-                                f"field@{factor}")
-            iterations_run += steps
-            u = _smooth(half.detach(), settings.field_smoothing)
-        result.field_iterations_run = iterations_run
-        return resize_field(u, size, rescale=True)
-
-    try:
-        if settings.iterations > 0 or settings.network_start or settings.field_iterations == 0:
-            result.iterations_run, result.stopped_early = optimise(
-                _trainable(model, settings.parameters), settings.learning_rate, settings.iterations, network_loss,
-                "network")
-            model.eval()
-            with torch.no_grad():
-                displacement = model(m, f, regions, p).displacement.detach()
+    def level_loss():
+        v = _smooth(half, settings.field_smoothing)
+        if sampling:  # a new random subset of voxels every step (stochastic gradient, as elastix samples)
+            at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
+            sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
+        elif ncc is not None:
+            sim = ncc(warp(fm, v), ff)
         else:
-            displacement = torch.zeros((1, 3) + tuple(fixed.shape), device=device)
+            sim = (warp(fm, v) - ff).pow(2).mean()
+        total = sim + field_smooth * _weighted_gradient_loss(v, weights)
+        if pair.use_dice:
+            from textscf.losses import soft_dice_loss
+            total = total + settings.dice_weight * soft_dice_loss(warp(mo, v), mo_f)
+        return total
 
-        if settings.field_iterations > 0:
-            displacement = field_pyramid(displacement)
-    finally:
-        if bar is not None:
-            bar.close()
-
-    result.displacement = displacement[0].cpu().numpy().astype(np.float32)
-    result.seconds = time.perf_counter() - start
-    for prm in model.parameters():
-        prm.requires_grad_(True)
-    result.network = model.eval()
-    return result
+    return half, level_loss
