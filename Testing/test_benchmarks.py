@@ -121,3 +121,16 @@ def test_paired_difference_counts_only_pairs_both_methods_ran():
     text = rb.paired_difference(rows, "textSCF", "base")
     assert text.startswith("Paired over 2 pairs") and "+2.50 ± 7.50" in text and "higher on 1 of 2" in text
     assert rb.paired_difference(rows, "textSCF", "absent") == ""
+
+
+def test_benchmark_variants_change_one_option_each_even_the_checkpoint():
+    from types import SimpleNamespace
+
+    from benchmarks import registration_benchmark as rb
+
+    rows = rb.default_rows(SimpleNamespace(variants=["network4", "previous-model"]), checkpoint="new.pt",
+                           preset="abdomen-ct", init="none", device="cpu")
+    defaults, network4, previous = rows.values()
+    assert defaults.checkpoint == network4.checkpoint == "new.pt" and network4.refine_iterations == 4
+    assert previous.checkpoint.endswith("abdomen-ct-onehot-ns8.pt") and previous.refine_iterations is None
+    assert (rb.MODELS / "abdomen-ct-onehot-ns8.pt").is_file()

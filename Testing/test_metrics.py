@@ -13,6 +13,7 @@ from textscf.metrics import (
     folding_percent,
     hd95_per_label,
     jacobian_determinant,
+    endpoint_errors_mm,
     mean_endpoint_error_mm,
     mean_ignoring_nan,
     sdlogj,
@@ -274,5 +275,8 @@ def test_mean_endpoint_error():
     mask[0, 0, 0] = True
     v[0, 0, 0, 0] = 0.0
     assert mean_endpoint_error_mm(v, u, (2.0, 1.0, 1.0), mask) == 0.0
+    v[1, 1, 1, 1] = 4.0  # one voxel 5 mm off: the worst error is sqrt(3^2 + 4^2)
+    errors = endpoint_errors_mm(v, u, (2.0, 1.0, 1.0))
+    assert errors.shape == (4 * 5 * 6,) and errors.max() == pytest.approx(5.0) and errors.min() == 0.0
     with pytest.raises(InputError):
         mean_endpoint_error_mm(v, u[:, :2], (1, 1, 1))

@@ -317,8 +317,8 @@ def mean_ignoring_nan(values: Mapping[Any, float]) -> float:
     return float(arr.mean()) if arr.size else math.nan
 
 
-def mean_endpoint_error_mm(estimated: np.ndarray, true: np.ndarray, spacing, mask: np.ndarray | None = None) -> float:
-    """Mean ``|diag(spacing) (estimated - true)|`` in mm over ``mask`` (all voxels if None).
+def endpoint_errors_mm(estimated: np.ndarray, true: np.ndarray, spacing, mask: np.ndarray | None = None) -> np.ndarray:
+    """``|diag(spacing) (estimated - true)|`` in mm at the voxels of ``mask`` (all voxels if None), flattened.
 
     ``estimated`` and ``true`` are ``(3, I, J, K)`` voxel displacements on one grid of ``spacing`` (mm, I J K);
     ``mask`` is ``(I, J, K)`` bool. The direction matrix is a rotation, so it does not change lengths.
@@ -327,9 +327,14 @@ def mean_endpoint_error_mm(estimated: np.ndarray, true: np.ndarray, spacing, mas
     if estimated.shape != true.shape or estimated.ndim != 4 or estimated.shape[0] != 3:
         raise InputError(f"displacements must both be (3, I, J, K), got {estimated.shape} and {true.shape}.")
     length = np.linalg.norm((estimated - true) * np.asarray(spacing, np.float64)[:, None, None, None], axis=0)
-    if mask is not None:
-        mask = np.asarray(mask, bool)
-        if mask.shape != length.shape or not mask.any():
-            raise InputError(f"mask must be a non-empty (I, J, K) = {length.shape} boolean array.")
-        length = length[mask]
-    return float(length.mean())
+    if mask is None:
+        return length.ravel()
+    mask = np.asarray(mask, bool)
+    if mask.shape != length.shape or not mask.any():
+        raise InputError(f"mask must be a non-empty (I, J, K) = {length.shape} boolean array.")
+    return length[mask]
+
+
+def mean_endpoint_error_mm(estimated: np.ndarray, true: np.ndarray, spacing, mask: np.ndarray | None = None) -> float:
+    """The mean of :func:`endpoint_errors_mm`."""
+    return float(endpoint_errors_mm(estimated, true, spacing, mask).mean())
