@@ -62,14 +62,26 @@ def test_schedule_defaults_options_and_estimates():
     bundled = default_schedule("checkpoint", (96, 80, 128), "cpu", similarity="mind")
     assert (bundled.network_steps, bundled.field_steps) == (CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS)
     assert bundled.field_levels == FIELD_LEVELS and bundled.steps == CHECKPOINT_FIELD_STEPS * len(FIELD_LEVELS)
-    assert bundled.chosen_by == "defaults" and bundled.regions and not bundled.uses_network
+    # a trained network's field starts the field steps, on its own (4 mm) grid
+    assert bundled.chosen_by == "defaults" and bundled.regions and bundled.network_start and bundled.uses_network
+    assert bundled.field_subdivision == 1 and bundled.field_grid_shape == (96, 80, 128)
     assert bundled.estimated_seconds == pytest.approx(estimate_refine_seconds(
         (96, 80, 128), CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS, "cpu", FIELD_LEVELS))
     assert default_schedule("checkpoint", (96, 80, 128), "cuda").estimated_seconds < bundled.estimated_seconds
     assert "MIND-SSC" in bundled.describe() and "1/4, 1/2 of the 96x80x128 grid" in bundled.describe()
     assert similarity_for("ct") == "mind+mse" and similarity_for("mri") == "mind" and similarity_for("ct", "ncc") == "ncc"
-    fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False)
-    assert fresh.steps > 0 and not fresh.regions
+    fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False, grid_spacing=(2, 2, 2))
+    assert fresh.steps > 0 and not fresh.regions and not fresh.network_start and not fresh.uses_network
+    assert "no network" in fresh.describe()
+    # A network trained on an 8 mm grid: the field steps run on its grid subdivided to 4 mm (the same box), which
+    # costs about the field steps of the bigger grid.
+    coarse = default_schedule("checkpoint", (48, 48, 64), "cpu", similarity="mind+mse", grid_spacing=(8, 8, 8))
+    assert coarse.field_subdivision == 2 and coarse.field_grid_shape == (96, 96, 128)
+    assert "on its 48x48x64 grid, then its field optimised on this pair" in coarse.describe()
+    assert "1/4, 1/2 of the 96x96x128 grid" in coarse.describe()
+    assert coarse.estimated_seconds == pytest.approx(estimate_refine_seconds(
+        (96, 96, 128), 0, CHECKPOINT_FIELD_STEPS, "cpu", FIELD_LEVELS))
+    assert with_steps(coarse, 12, None).field_subdivision == 2
     # The user's steps replace the defaults and say so; --refine 0 alone is the network's forward pass alone.
     assert with_steps(bundled, None, None) is bundled
     mine = with_steps(bundled, 50, None)
@@ -105,8 +117,51 @@ def test_register_without_options_runs_the_default_schedule_and_reports_it(pair_
     assert report["schedule"]["similarity"] == "mind+mse" and report["schedule"]["field_levels"] == list(FIELD_LEVELS)
     assert report["moving_labels"] == "scoring only"
     printed = capsys.readouterr().out
-    assert (f"schedule: the displacement field optimised on this pair (no network): {CHECKPOINT_FIELD_STEPS} field "
-            "steps at each of 1/4, 1/2 of the 48x48x64 grid, MIND-SSC descriptors + intensity MSE") in printed
+    assert ("schedule: the checkpoint's network (textSCF with the fixed image's regions) on its 48x48x64 grid, then "
+            f"its field optimised on this pair: {CHECKPOINT_FIELD_STEPS} field steps at each of 1/4, 1/2 of the "
+            "48x48x64 grid, MIND-SSC descriptors + intensity MSE") in printed
+
+
+@pytest.fixture(scope="module")
+def coarse_checkpoint(tmp_path_factory):
+    """A random-init one-hot abdomen checkpoint on an 8 mm grid, as the bundled network is trained."""
+    import torch
+
+    from textscf.checkpoint import save_checkpoint
+    from textscf.phantom import PHANTOM_DIRECTION
+    from textscf.presets import load_preset
+    from textscf.train import build_model
+
+    preset = load_preset("abdomen-ct")
+    net = build_model(list(preset.region_names), list(preset.label_values), "onehot", preset.template,
+                      start_channels=2, hidden_channels=8, spacing=(8.0, 8.0, 8.0), input_shape=(32, 32, 32),
+                      direction=PHANTOM_DIRECTION, seed=0)
+    torch.manual_seed(0)
+    return save_checkpoint(net, tmp_path_factory.mktemp("models") / "coarse.pt")
+
+
+def test_a_coarse_network_starts_the_field_steps_on_its_grid_subdivided(pair, coarse_checkpoint):
+    """An 8 mm network runs on its grid; its field, brought to the same box at 4 mm, starts the field steps there;
+    the outputs lie on the fixed grid and the report says which grid each part ran on. Network steps, when asked
+    for, run on the network's grid first, and the bar moves through both parts."""
+    labels = dict(fixed_labels=pair["fixed_labels"], moving_labels=pair["moving_labels"])
+    result = register(pair["fixed"], pair["moving"], _options(coarse_checkpoint, **DEFAULTS), **labels)
+    stats = result.stats
+    assert stats["schedule"]["network_start"] and stats["schedule"]["field_subdivision"] == 2
+    assert stats["model_grid"] == {"shape": [32, 32, 32], "spacing": [8.0, 8.0, 8.0]}
+    assert stats["field_grid"] == {"shape": [64, 64, 64], "spacing": [4.0, 4.0, 4.0]}
+    assert stats["refine"]["iterations"] == 0 and stats["refine"]["field_iterations"] >= len(FIELD_LEVELS)
+    assert result.displacement.GetSize() == pair["fixed"].GetSize()
+    assert stats["mean_dice"] > stats["mean_dice_before"] + 0.05, (stats["mean_dice_before"], stats["mean_dice"])
+
+    updates = []
+    both = register(pair["fixed"], pair["moving"], _options(coarse_checkpoint, refine_iterations=2,
+                                                            refine_field_iterations=3, refine_use_moving_labels=True),
+                    progress=lambda *update: updates.append(update), **labels)
+    assert both.stats["refine_network"]["iterations"] == 2 and both.stats["refine"]["iterations"] == 0
+    assert both.stats["field_grid"]["shape"] == [64, 64, 64]
+    during = [fraction for stage, fraction, _ in updates if stage == "register"]
+    assert during == sorted(during) and len(set(during)) >= 2 + 3 * len(FIELD_LEVELS)
 
 
 # ------------------------------------------------------------------------------------------------ labels

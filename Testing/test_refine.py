@@ -190,3 +190,26 @@ def test_sliding_regulariser_and_label_guidance_change_the_field_and_bad_setting
     with pytest.raises(InputError, match="level"):
         refine_on_pair(_NoForward(), moving, fixed, fixed_regions,
                        settings=dataclasses.replace(base, field_levels=(0,)))
+
+
+def test_field_steps_start_from_a_given_field():
+    """The pipeline brings a network's field from its coarse grid and hands it over as ``start``: the field steps
+    begin there (their first loss is that of the given field), and without field steps it is returned unchanged."""
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(3)  # fixed(x) = moving(x + 3 along i): the right field is +3 voxels along i
+    right = np.zeros((3,) + fixed.shape, np.float32)
+    right[0] = 3.0
+    settings = RefineSettings(iterations=0, field_iterations=8, similarity="mse", patience=0)
+    from_right = refine_on_pair(tiny_net(), moving, fixed, fixed_regions, settings=settings, start=right)
+    from_zero = refine_on_pair(tiny_net(), moving, fixed, fixed_regions, settings=settings)
+    assert from_right.losses[0] < 0.5 * from_zero.losses[0]
+    inside = fixed_regions > 0
+    assert abs(float(np.median(from_right.displacement[0][inside])) - 3.0) < 0.5
+    unchanged = refine_on_pair(tiny_net(), moving, fixed, fixed_regions, start=right,
+                               settings=RefineSettings(iterations=0, field_iterations=0))
+    np.testing.assert_array_equal(unchanged.displacement, right)
+    with pytest.raises(InputError, match="0 network steps"):
+        refine_on_pair(tiny_net(), moving, fixed, fixed_regions, start=right, settings=RefineSettings(iterations=2))
+    with pytest.raises(InputError, match="shape"):
+        refine_on_pair(tiny_net(), moving, fixed, fixed_regions, start=right[:, :16],
+                       settings=RefineSettings(iterations=0, field_iterations=2))

@@ -1178,8 +1178,12 @@ def test_model_plan_keeps_the_bundled_model_for_regions_it_knows(logic, fixed_no
         plan = logic.modelPlan({"preset": preset, "device": "cpu", "refine_iterations": 12,
                                 "refine_field_iterations": 30}, fixed_node, torchAvailable=True)
         assert not plan["switched"] and plan["options"].get("checkpoint") is None
-        # The bundled model's 96 x 80 x 128 grid
-        expected = schedule.estimate_refine_seconds((96, 80, 128), 12, 30, "cpu")
+        # The bundled model's grid (8 mm), the field steps on it subdivided to 4 mm
+        config = logic.modelConfig()
+        expected = schedule.with_steps(schedule.default_schedule(
+            "checkpoint", config["input_shape"], "cpu", grid_spacing=config["spacing"]), 12, 30).estimated_seconds
+        assert expected == pytest.approx(schedule.estimate_refine_seconds(
+            config["input_shape"], 12, 30, "cpu", field_subdivision=schedule.field_subdivision_for(config["spacing"])))
         assert plan["estimatedSeconds"] == pytest.approx(expected)
         assert (f"refined on this pair (12 + 30 iterations, {schedule.describe_duration(expected)} on the CPU)"
                 in plan["message"])
@@ -1210,7 +1214,8 @@ def test_automatic_schedule_is_the_engines_default_schedule(mod, logic, fixed_no
     assert logic_class.refineSteps(False, 5, 2) == {"refine_iterations": 5, "refine_field_iterations": 2}
     plan = logic.modelPlan({"preset": "abdomen-ct", "device": "cpu", "refine_iterations": None,
                             "refine_field_iterations": None}, fixed_node, torchAvailable=True)
-    bundled = schedule.default_schedule("checkpoint", (96, 80, 128), "cpu")
+    config = logic.modelConfig()
+    bundled = schedule.default_schedule("checkpoint", config["input_shape"], "cpu", grid_spacing=config["spacing"])
     assert not plan["switched"] and plan["estimatedSeconds"] == pytest.approx(bundled.estimated_seconds)
     assert f"({bundled.network_steps} + {bundled.field_steps} iterations" in plan["message"]
     plan = logic.modelPlan({"preset": "brain-mri", "device": "cpu", "refine_iterations": None,

@@ -394,3 +394,35 @@ def test_same_grid_one_tolerance_set_for_images_and_model_grids():
                          "direction")]:
         assert not sp.same_grid(grid, other)
         assert [p.split()[0] for p in sp.grid_mismatch(grid, other)] == [word]
+
+
+def test_subdivided_grid_is_the_same_box_and_carries_fields_exactly():
+    import torch
+
+    from textscf.warp import resize_field
+
+    coarse = sp.ModelGrid((12, 10, 8), (8.0, 8.0, 6.0), ORIGIN, DIRECTION)
+    fine = coarse.subdivided(2)
+    assert fine.shape == (24, 20, 16) and fine.spacing == (4.0, 4.0, 3.0) and fine.direction == coarse.direction
+    np.testing.assert_allclose(fine.centre(), coarse.centre(), atol=1e-9)
+    # the outer voxel edges coincide: first edge at index -0.5 of either grid, last at shape - 0.5
+    np.testing.assert_allclose(coarse.index_to_physical(-0.5 * np.ones(3)), fine.index_to_physical(-0.5 * np.ones(3)),
+                               atol=1e-9)
+    np.testing.assert_allclose(coarse.index_to_physical(np.array(coarse.shape) - 0.5),
+                               fine.index_to_physical(np.array(fine.shape) - 0.5), atol=1e-9)
+    assert coarse.subdivided(1) == coarse
+    with pytest.raises(InputError, match="integer factor"):
+        coarse.subdivided(0)
+    # A displacement linear in physical space (mm along the index axes), given in coarse voxels, resized to the
+    # fine grid (voxel units rescaled) is the same displacement at the fine voxel centres inside the coarse ones.
+    a = np.array([[0.02, -0.01, 0.03], [0.0, 0.04, -0.02], [0.01, 0.0, 0.05]])
+
+    def mm(points):
+        return points @ a.T + np.array([1.0, -2.0, 0.5])
+
+    u_coarse = np.moveaxis(mm(coarse.physical_points()) / np.array(coarse.spacing), -1, 0)
+    u_fine = resize_field(torch.from_numpy(u_coarse)[None], fine.shape, rescale=True)[0].numpy()
+    got = np.moveaxis(u_fine, 0, -1) * np.array(fine.spacing)
+    inside = interior_mask(coarse.physical_to_index(fine.physical_points()), coarse.shape, margin=0.0)
+    assert inside.mean() > 0.7
+    np.testing.assert_allclose(got[inside], mm(fine.physical_points())[inside], atol=1e-9)

@@ -1665,11 +1665,13 @@ class _ModelPlan:
         RegistrationOptions' default, no refinement."""
         return self.options.get("refine_iterations", 0), self.options.get("refine_field_iterations", 0)
 
-    def schedule(self, network, grid):
-        """The engine's schedule for this network and grid, with the steps of the options when they are set."""
+    def schedule(self, network, grid, spacing=None):
+        """The engine's schedule for this network and grid (spacing in mm: a coarse trained grid is subdivided for
+        the field steps), with the steps of the options when they are set."""
         from textscf import schedule as plans
 
-        return plans.with_steps(plans.default_schedule(network, grid, self.device), *self.steps())
+        return plans.with_steps(plans.default_schedule(network, grid, self.device, grid_spacing=spacing),
+                                *self.steps())
 
     def describeFresh(self, prefix):
         from textscf import schedule as plans
@@ -1716,7 +1718,7 @@ class _ModelPlan:
 
         if not config.get("input_shape"):
             return self.result()
-        chosen = self.schedule("checkpoint", config["input_shape"])
+        chosen = self.schedule("checkpoint", config["input_shape"], config.get("spacing"))
         if chosen.steps <= 0:
             return self.result()
         self.estimatedSeconds = chosen.estimated_seconds

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Callable
@@ -505,7 +505,8 @@ def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.
         reason = "; ".join(filter(None, [reason, "no fixed label map and no segmentor: no regions"]))
     schedule = with_steps(default_schedule(source if source == "fresh" else "checkpoint", net.config.input_shape,
                                            device, has_regions, reason,
-                                           similarity_for(net.config.modality, options.refine_similarity)),
+                                           similarity_for(net.config.modality, options.refine_similarity),
+                                           grid_spacing=net.config.spacing),
                           options.refine_iterations, options.refine_field_iterations)
     return net, source, prompts, schedule
 
@@ -555,10 +556,15 @@ def register(
         init = _initial_stage(fixed, moving, options, initial_transform, stats)
     with steps.stage("resample to model grid"):
         inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows)
+        field_inputs = inputs
+        if run.schedule.field_steps > 0 and run.schedule.field_subdivision > 1:
+            field_inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows,
+                                        inputs.grid.subdivided(run.schedule.field_subdivision))
     with steps.stage("register"):
-        u_model = _register_stage(run, inputs, moving_seg, init, options, steps, stats)
+        u_model, field_grid = _register_stage(run, inputs, field_inputs, moving_seg, init, options, steps, stats)
+        del field_inputs
     with steps.stage("resample field"):
-        field = field_outputs(u_model, inputs.grid, fixed, init, moving, moving_labels)
+        field = field_outputs(u_model, field_grid, fixed, init, moving, moving_labels)
         jacobian = sitk.GetImageFromArray(field.jacobian.transpose(2, 1, 0))
         jacobian.CopyInformation(fixed)
     with steps.stage("evaluate"):
@@ -569,6 +575,7 @@ def register(
     stats["seconds_per_stage"] = dict(steps.seconds)
     stats["seconds_total"] = round(sum(steps.seconds.values()), 3)
     stats["model_grid"] = {"shape": list(inputs.grid.shape), "spacing": list(inputs.grid.spacing)}
+    stats["field_grid"] = {"shape": list(field_grid.shape), "spacing": list(field_grid.spacing)}
     stats["checkpoint"] = str(run.checkpoint)
     steps.finish()
     return RegistrationResult(displacement=field.total, warped=field.warped, jacobian=jacobian,
@@ -652,9 +659,13 @@ class ModelInputs:
     lut: np.ndarray | None
 
 
-def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init, rows: list[int]) -> ModelInputs:
-    body = sitk.Cast(seg.regions > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.regions) else None
-    grid = model_grid(net.config, fixed, body)
+def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init, rows: list[int],
+                 grid: ModelGrid | None = None) -> ModelInputs:
+    """The pair on ``grid`` (None: the model grid, :func:`model_grid`), normalised as ``net`` was trained."""
+    if grid is None:
+        body = sitk.Cast(seg.regions > 0, sitk.sitkUInt8) if seg is not None and _has_foreground(seg.regions) \
+            else None
+        grid = model_grid(net.config, fixed, body)
     fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
     moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
     if seg is None:
@@ -666,38 +677,80 @@ def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init,
     return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut)
 
 
-def _register_stage(run: _Run, inputs: ModelInputs, moving_seg, init, options: RegistrationOptions,
-                    steps: "_Progress", stats: dict) -> np.ndarray:
-    """The model-grid voxel field: the network's forward pass, or the schedule's refinement on this pair."""
+def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, moving_seg, init,
+                    options: RegistrationOptions, steps: "_Progress", stats: dict) -> tuple[np.ndarray, ModelGrid]:
+    """The voxel field and the grid it lives on: the network's forward pass alone (model grid), or the schedule's
+    refinement on this pair: network steps on the model grid, then field steps on ``field_inputs``' grid, starting
+    from the network's field when the schedule says so."""
     schedule = run.schedule
-    if schedule.steps > 0:
-        from textscf.refine import RefineSettings, refine_on_pair
-
-        moving_regions = None
-        if run.guide:
-            moving_regions = inputs.lut[image_to_array(
-                resample_to_grid(moving_seg.regions, inputs.grid, init, "nearest", 0)).astype(np.int64)]
-        settings = RefineSettings(
-            iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
-            smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
-            similarity=schedule.similarity, seed=options.seed,
-            field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
-        )
-        steps.plan_refinement(schedule.estimated_seconds)
-        refined = refine_on_pair(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
-                                 moving_regions, settings=settings, device=run.device, cancel=steps.check_cancel,
-                                 progress=steps.refinement_step)
-        u_model, run_note = refined.displacement, None
-        stats["refine"] = refined.summary()
-    else:
+    if schedule.steps == 0:
         u_model, run_note = run_network(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
                                         run.device)
+        _record_device(run, run_note, stats)
+        _check_finite_field(u_model, refined=False)
+        return u_model, inputs.grid
+    from textscf.refine import RefineSettings, refine_on_pair
+
+    settings = RefineSettings(
+        iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
+        smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
+        similarity=schedule.similarity, seed=options.seed, network_start=schedule.network_start,
+        field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
+    )
+    steps.plan_refinement(schedule.estimated_seconds)
+
+    def refine(on: ModelInputs, settings: RefineSettings, start=None, steps_before: int = 0):
+        def progress(done, total, seconds_left):
+            steps.refinement_step(steps_before + done, schedule.steps, seconds_left)
+
+        moving_regions = _moving_regions(moving_seg, on, init) if run.guide else None
+        return refine_on_pair(run.net, on.moving, on.fixed, on.regions, on.confidence, moving_regions,
+                              settings=settings, device=run.device, cancel=steps.check_cancel, progress=progress,
+                              start=start)
+
+    run_note = None
+    if field_inputs is inputs:
+        refined = refine(inputs, settings)
+    else:  # the network on its grid, the field steps on the finer field grid from its field
+        if schedule.network_steps > 0:
+            first = refine(inputs, replace(settings, field_iterations=0))
+            start, network_summary = first.displacement, first.summary()
+        elif schedule.network_start:
+            start, run_note = run_network(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
+                                          run.device)
+            network_summary = None
+        else:
+            start, network_summary = np.zeros((3,) + inputs.grid.shape, np.float32), None
+        start = _field_on_grid(start, field_inputs.grid.shape)
+        refined = refine(field_inputs, replace(settings, iterations=0), start, schedule.network_steps)
+        if network_summary is not None:
+            stats["refine_network"] = network_summary
+    stats["refine"] = refined.summary()
+    _record_device(run, run_note, stats)
+    _check_finite_field(refined.displacement, refined=True)
+    return refined.displacement, field_inputs.grid
+
+
+def _moving_regions(moving_seg, on: ModelInputs, init) -> np.ndarray:
+    """The moving image's regions on ``on``'s grid as rows of the text matrix (for the Dice term)."""
+    return on.lut[image_to_array(resample_to_grid(moving_seg.regions, on.grid, init, "nearest", 0)).astype(np.int64)]
+
+
+def _field_on_grid(u: np.ndarray, shape) -> np.ndarray:
+    """A model-grid voxel field ``(3, I, J, K)`` on the subdivided grid of ``shape`` (same box: exact, voxel units
+    rescaled)."""
+    from textscf.warp import resize_field
+
+    with torch.no_grad():
+        out = resize_field(torch.from_numpy(np.ascontiguousarray(u, np.float32))[None], tuple(shape), rescale=True)
+    return out[0].numpy()
+
+
+def _record_device(run: _Run, run_note: str | None, stats: dict) -> None:
     if run_note:
-        warnings.warn(run_note, stacklevel=3)
+        warnings.warn(run_note, stacklevel=4)
         stats["device_note"] = run_note
     stats["device"] = "cpu" if run_note else str(run.device)
-    _check_finite_field(u_model, refined=schedule.steps > 0)
-    return u_model
 
 
 def _check_finite_field(u_model: np.ndarray, refined: bool) -> None:

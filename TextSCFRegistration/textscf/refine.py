@@ -257,6 +257,7 @@ def refine_on_pair(
     cancel: Callable[[], None] | None = None,
     progress: Callable[[int, int, float | None], None] | None = None,
     fresh: bool = False,
+    start: np.ndarray | None = None,
 ) -> RefineResult:
     """Optimise a copy of ``net`` on one pair; ``net`` itself is left unchanged.
 
@@ -272,14 +273,19 @@ def refine_on_pair(
             phases, those skipped by an early stop counted as done (so it only grows); seconds left from the pace
             measured so far (None before the first step).
         fresh: start from a fresh initialisation instead of ``net``'s weights.
+        start: ``(3, I, J, K)`` voxels of this grid: the field steps start from it (a network's field brought from
+            its own grid); needs ``settings.iterations == 0``, as the network does not run on this grid.
 
     Returns:
         :class:`RefineResult` with the refined displacement ``(3, I, J, K)`` in model-grid voxels.
     """
     settings = settings or RefineSettings()
     _check_settings(settings)
+    if start is not None and (settings.iterations > 0 or tuple(start.shape) != (3,) + tuple(fixed.shape)):
+        raise InputError(f"a start field needs 0 network steps and the shape (3,) + {tuple(fixed.shape)}; got "
+                         f"{settings.iterations} steps and {tuple(start.shape)}")
     device = torch.device(device)
-    start = time.perf_counter()
+    began = time.perf_counter()
     torch.manual_seed(settings.seed)
     model = copy.deepcopy(net).to(device).train()
     if fresh:
@@ -288,7 +294,9 @@ def refine_on_pair(
     result = RefineResult(displacement=np.zeros((3,) + tuple(fixed.shape), np.float32))
     loop = _Loop(settings, result, cancel, progress)
     try:
-        if settings.iterations > 0 or settings.network_start or settings.field_iterations == 0:
+        if start is not None:
+            displacement = torch.from_numpy(np.ascontiguousarray(start, np.float32))[None].to(device)
+        elif settings.iterations > 0 or settings.network_start or settings.field_iterations == 0:
             displacement = _network_phase(model, pair, settings, loop)
         else:
             displacement = torch.zeros((1, 3) + tuple(fixed.shape), device=device)
@@ -297,7 +305,7 @@ def refine_on_pair(
     finally:
         loop.close()
     result.displacement = displacement[0].cpu().numpy().astype(np.float32)
-    result.seconds = time.perf_counter() - start
+    result.seconds = time.perf_counter() - began
     for prm in model.parameters():
         prm.requires_grad_(True)
     result.network = model.eval()

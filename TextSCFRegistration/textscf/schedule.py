@@ -14,9 +14,9 @@ import inspect
 import math
 from dataclasses import asdict, dataclass
 
-# The bundled network is only weakly trained (its model card): alone it barely moves the images, and its field is no
-# better a start than zero. What registers is the field optimised on the pair, coarse to fine (README benchmark):
-# Adam on the displacement field at 1/4 then 1/2 of the model grid, MIND-SSC descriptors as the similarity.
+# A trained network's field is where the refinement starts; what finishes the registration is the field optimised on
+# the pair, coarse to fine (README benchmark): Adam on the displacement field at 1/4 then 1/2 of the field grid,
+# MIND-SSC descriptors as the similarity.
 CHECKPOINT_NETWORK_STEPS = 0
 CHECKPOINT_FIELD_STEPS = 100
 # A fresh network (a modality the bundled model does not cover): the same field pyramid, no network steps.
@@ -24,6 +24,9 @@ FRESH_NETWORK_STEPS = 0
 FRESH_FIELD_STEPS = 100
 # The pyramid: the field's grid at each level, as the factor by which it is coarser than the model grid.
 FIELD_LEVELS = (4, 2)
+# The field grid: a network trained on a coarse grid (8 mm) is refined on its grid subdivided to about this spacing
+# (the same box, :meth:`textscf.spatial.ModelGrid.subdivided`), the spacing at which the pyramid was tuned (README).
+REFINE_SPACING_MM = 4.0
 # The similarity by modality ("auto"). CT: MIND-SSC self-similarity descriptors plus the intensity MSE (HU mean the
 # same tissue in both scans); measured on 4 abdomen pairs and the real CT with a known field, MIND alone 44.4 % Dice
 # and 2.18 mm endpoint error, MSE alone 45.9 % and 3.9 mm, both 46.3 % and 2.16 mm. MRI: MIND alone (intensities
@@ -61,8 +64,11 @@ class Schedule:
         estimated_seconds: the refinement's expected time (0 without refinement).
         chosen_by: "defaults" (this module) or "options" (the user set the steps).
         reason: one sentence: why this network.
-        field_levels: the pyramid: factors by which each level's field grid is coarser than the model grid.
+        field_levels: the pyramid: factors by which each level's field grid is coarser than the field grid.
         similarity: the refinement's image term ("mind", "mse", "ncc"; "" = decided by the pipeline).
+        network_start: the field steps start from the network's field (its forward pass after any network steps);
+            False: from zero, without running the network.
+        field_subdivision: the field steps run on the model grid subdivided this many times per axis (same box).
     """
 
     network: str
@@ -76,6 +82,8 @@ class Schedule:
     reason: str = ""
     field_levels: tuple[int, ...] = FIELD_LEVELS
     similarity: str = ""
+    network_start: bool = False
+    field_subdivision: int = 1
 
     @property
     def steps(self) -> int:
@@ -85,7 +93,12 @@ class Schedule:
     @property
     def uses_network(self) -> bool:
         """Whether the network runs: its forward pass alone, or refined; a field-only schedule skips it."""
-        return self.network_steps > 0 or self.field_steps == 0
+        return self.network_steps > 0 or self.field_steps == 0 or self.network_start
+
+    @property
+    def field_grid_shape(self) -> tuple[int, int, int]:
+        """The grid the field steps run on: the model grid subdivided ``field_subdivision`` times."""
+        return tuple(int(n) * int(self.field_subdivision) for n in self.grid_shape)
 
     def describe(self) -> str:
         """One line for the user: network, regions, steps, grid, expected time."""
@@ -93,13 +106,16 @@ class Schedule:
         structure = "textSCF with the fixed image's regions" if self.regions else \
             "no regions: the shared filter w_r alone, i.e. plain LKU-Net"
         grid = "x".join(str(n) for n in self.grid_shape)
+        field_grid = "x".join(str(n) for n in self.field_grid_shape)
         similarity = f", {SIMILARITY_NAMES.get(self.similarity, self.similarity)}" if self.similarity else ""
         levels = ", ".join(f"1/{v}" for v in self.field_levels)
-        field = (f"{self.field_steps} field steps at each of {levels} of the {grid} grid{similarity}"
+        field = (f"{self.field_steps} field steps at each of {levels} of the {field_grid} grid{similarity}"
                  if self.field_steps else "")
         if self.steps and self.network_steps:
             work = (f"{kind} ({structure}) refined on this pair: {self.network_steps} network steps"
-                    + (f", then {field}" if field else f" on a {grid} grid{similarity}"))
+                    + (f" on its {grid} grid, then {field}" if field else f" on a {grid} grid{similarity}"))
+        elif self.steps and self.network_start:
+            work = (f"{kind} ({structure}) on its {grid} grid, then its field optimised on this pair: {field}")
         elif self.steps:
             work = f"the displacement field optimised on this pair (no network): {field}"
         else:
@@ -114,6 +130,7 @@ class Schedule:
         out = asdict(self)
         out["grid_shape"] = list(self.grid_shape)
         out["field_levels"] = list(self.field_levels)
+        out["field_grid_shape"] = list(self.field_grid_shape)
         out["estimated_seconds"] = round(self.estimated_seconds, 1)
         return out
 
@@ -128,19 +145,30 @@ SIMILARITY_NAMES = {"mind": "MIND-SSC descriptors", "mse": "intensity MSE", "ncc
 
 
 def field_step_cost(factor: int) -> float:
-    """Cost of one field step at pyramid level ``factor``, in network steps on the model grid."""
+    """Cost of one field step at pyramid level ``factor``, in network steps on a grid of the field grid's size."""
     return FIELD_STEP_COST * (2.0 / float(factor)) ** 3
 
 
 def estimate_refine_seconds(grid_shape, network_steps: int, field_steps: int, device="cpu",
-                            field_levels=FIELD_LEVELS) -> float:
-    """Expected seconds of ``network_steps`` network steps and ``field_steps`` field steps at each of
-    ``field_levels``, on a model grid of ``grid_shape``."""
+                            field_levels=FIELD_LEVELS, field_subdivision: int = 1) -> float:
+    """Expected seconds of ``network_steps`` network steps on a model grid of ``grid_shape`` and ``field_steps``
+    field steps at each of ``field_levels`` on that grid subdivided ``field_subdivision`` times (the forward pass
+    that starts the field steps is not counted: a fraction of one network step)."""
     voxels = float(math.prod(int(n) for n in grid_shape))
+    field_voxels = voxels * int(field_subdivision) ** 3
     field = int(field_steps) * sum(field_step_cost(v) for v in field_levels)
-    cost = int(network_steps) + field + (DESCRIPTOR_COST if int(network_steps) + int(field_steps) > 0 else 0.0)
-    seconds = voxels * SECONDS_PER_STEP_AND_VOXEL_CPU * cost
+    cost = voxels * int(network_steps) + field_voxels * field
+    if int(network_steps) + int(field_steps) > 0:
+        cost += DESCRIPTOR_COST * (field_voxels if int(field_steps) > 0 else voxels)
+    seconds = cost * SECONDS_PER_STEP_AND_VOXEL_CPU
     return seconds / GPU_SPEEDUP if device_kind(device) == "cuda" else seconds
+
+
+def field_subdivision_for(spacing) -> int:
+    """How many times the model grid is subdivided for the field steps: to about :data:`REFINE_SPACING_MM`."""
+    if spacing is None:
+        return 1
+    return max(1, int(round(max(float(v) for v in spacing) / REFINE_SPACING_MM)))
 
 
 def describe_duration(seconds: float) -> str:
@@ -174,7 +202,7 @@ def similarity_for(modality: str, choice: str = "auto") -> str:
 
 
 def default_schedule(network: str, grid_shape, device="cpu", has_regions: bool = True, reason: str = "",
-                     similarity: str = "") -> Schedule:
+                     similarity: str = "", grid_spacing=None) -> Schedule:
     """The schedule that gives the best result the model in use can give.
 
     Args:
@@ -184,16 +212,21 @@ def default_schedule(network: str, grid_shape, device="cpu", has_regions: bool =
         has_regions: whether a label map or a segmentor names the fixed image's regions.
         reason: why this network (recorded with the schedule).
         similarity: the image term the refinement uses (recorded and printed; see :func:`similarity_for`).
+        grid_spacing: the model grid's spacing (mm): a trained network's coarse grid is subdivided for the field
+            steps (:func:`field_subdivision_for`); None keeps the model grid.
     """
     if network not in ("checkpoint", "fresh"):
         raise ValueError(f"network must be 'checkpoint' or 'fresh', not {network!r}")
     device = device_kind(device)
     grid = tuple(int(n) for n in grid_shape)
-    steps, field_steps = ((FRESH_NETWORK_STEPS, FRESH_FIELD_STEPS) if network == "fresh"
-                          else (CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS))
+    trained = network == "checkpoint"
+    steps, field_steps = ((CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS) if trained
+                          else (FRESH_NETWORK_STEPS, FRESH_FIELD_STEPS))
+    # a trained network's field starts the field steps; a fresh network's would be about zero
+    subdivision = field_subdivision_for(grid_spacing) if trained else 1
     return Schedule(network, bool(has_regions), steps, field_steps, grid, device,
-                    estimate_refine_seconds(grid, steps, field_steps, device), "defaults", reason,
-                    FIELD_LEVELS, similarity)
+                    estimate_refine_seconds(grid, steps, field_steps, device, FIELD_LEVELS, subdivision), "defaults",
+                    reason, FIELD_LEVELS, similarity, network_start=trained, field_subdivision=subdivision)
 
 
 def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int | None) -> Schedule:
@@ -210,8 +243,9 @@ def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int |
     fields = int(field_steps)
     return Schedule(schedule.network, schedule.regions, steps, fields, schedule.grid_shape, schedule.device,
                     estimate_refine_seconds(schedule.grid_shape, steps, fields, schedule.device,
-                                            schedule.field_levels), "options",
-                    schedule.reason, schedule.field_levels, schedule.similarity)
+                                            schedule.field_levels, schedule.field_subdivision), "options",
+                    schedule.reason, schedule.field_levels, schedule.similarity,
+                    network_start=schedule.network_start, field_subdivision=schedule.field_subdivision)
 
 
 def takes_seconds_left(callback) -> bool:
