@@ -466,18 +466,30 @@ def write_image(image: sitk.Image, path: str | os.PathLike, overwrite: bool = Fa
 
 
 def _checked_field(field: sitk.Image) -> sitk.Image:
-    """The field as a float64 3-vector image (cast if needed), or InputError."""
+    """The field as a float32 or float64 3-vector image (other pixel types cast to float64), or InputError.
+
+    Float32 fields stay float32 (no full-size float64 copy): every format but ``.h5`` stores float32, and
+    :func:`_float64_field` casts for ``.h5`` when it writes.
+    """
     if (not isinstance(field, sitk.Image) or field.GetDimension() != 3
             or field.GetNumberOfComponentsPerPixel() != 3):
         raise InputError("a displacement field must be a 3-D SimpleITK image with 3 components per voxel "
                          "(LPS millimetres). Fix: build it with textscf.spatial.voxel_displacement_to_physical.")
-    if field.GetPixelID() != sitk.sitkVectorFloat64:
+    if field.GetPixelID() not in (sitk.sitkVectorFloat32, sitk.sitkVectorFloat64):
         field = sitk.Cast(field, sitk.sitkVectorFloat64)
     bad = _non_finite_count(sitk.GetArrayViewFromImage(field))
     if bad:
         raise InputError(f"the displacement field has {bad} NaN/Inf components. Fix: this is a bug upstream "
                          "(the network or the field conversion produced non-finite values); do not save it.")
     return field
+
+
+def _float64_field(field: sitk.Image) -> sitk.Image:
+    """A float64 copy of a 3-vector image (ITK's displacement-field transform needs float64 and empties the image
+    it is given, so the caller's image is never handed over)."""
+    if field.GetPixelID() == sitk.sitkVectorFloat64:
+        return sitk.Image(field)
+    return sitk.Cast(field, sitk.sitkVectorFloat64)
 
 
 def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
@@ -503,12 +515,15 @@ def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
 def _write_field_file(field: sitk.Image, path: Path, nifti_intent: int) -> None:
     suffix = file_suffix(path)
     if suffix in (".h5", ".hdf5"):
-        # the transform takes ownership of (empties) the image it is given: hand it a copy
-        sitk.WriteTransform(sitk.DisplacementFieldTransform(sitk.Image(field)), str(path))
+        sitk.WriteTransform(sitk.DisplacementFieldTransform(_float64_field(field)), str(path))
     elif suffix in (".nii", ".nii.gz") and nifti_intent == NIFTI_INTENT_DISPVECT:
         _write_nifti_dispvect(field, path)
     else:
-        out = sitk.Cast(field, sitk.sitkVectorFloat32)  # 1e-5 mm resolution, half the size of float64
+        out = field  # float32: 1e-5 mm resolution, half the size of float64
+        if field.GetPixelID() != sitk.sitkVectorFloat32:
+            out = sitk.Cast(field, sitk.sitkVectorFloat32)
+        elif suffix == ".nrrd":
+            out = sitk.Image(field)  # the metadata below stays off the caller's image
         if suffix == ".nrrd":
             out.SetMetaData("intent_code", str(NIFTI_INTENT_DISPVECT))
             out.SetMetaData("displacement field type", "resampling")
@@ -520,7 +535,7 @@ def write_displacement_transform(field: sitk.Image, path: str | os.PathLike, ove
     """Write a displacement field so that ITK and Slicer read it as a resampling transform.
 
     Args:
-        field: 3-component vector image (cast to float64), LPS mm, resampling convention
+        field: 3-component vector image (float32 or float64; ``.h5`` stores float64), LPS mm, resampling convention
             (fixed point ``x`` -> moving point ``x + field(x)``).
         path: ``.h5``/``.hdf5`` (ITK transform file, float64), ``.nii.gz``/``.nii``, ``.nrrd`` or ``.mha``
             (vector images, float32). See the module docstring for the exact layout of each format.
