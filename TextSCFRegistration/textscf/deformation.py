@@ -184,21 +184,24 @@ class Deformation:
         ``release=True`` frees the field before the image is built (the last use: one full-size copy less)."""
         dtype = np.float64 if pixel_type == sitk.sitkVectorFloat64 else np.float32
         arr = np.empty((*self.fixed_grid.shape[::-1], 3), dtype=dtype)  # ITK's (K, J, I, 3) buffer order
-        m = torch.as_tensor(self.initial_matrix, dtype=torch.float32)
-        mf, of = self._fixed_affine()
-        x_a, x_b = (self.initial_matrix - np.eye(3)) @ mf, (self.initial_matrix - np.eye(3)) @ of + self.initial_offset
         for rows in self._slabs():
-            d = self.d_mm[:, rows.start:rows.stop]
-            if self.has_initial:  # initial(x + d) - x = (M - I) x + t + M d
-                total = _grid_points(rows, self.fixed_grid.shape, x_a, x_b) + torch.einsum("ab,bijk->ijka", m, d)
-            else:
-                total = d.permute(1, 2, 3, 0)
-            arr[:, :, rows.start:rows.stop] = total.permute(2, 1, 0, 3).numpy()
+            arr[:, :, rows.start:rows.stop] = self._total_slab(rows).permute(2, 1, 0, 3).numpy()
         if release:
-            self.d_mm = None
+            self.d_mm = None  # no slab view outlives the loop above, so this frees the field
         img = sitk.GetImageFromArray(arr, isVector=True)
         self.fixed_grid.apply_to(img)
         return img
+
+    def _total_slab(self, rows: range) -> torch.Tensor:
+        """``initial(x + d(x)) - x`` on ``rows`` of the fixed grid, ``(len(rows), J, K, 3)`` float32 LPS mm."""
+        d = self.d_mm[:, rows.start:rows.stop]
+        if not self.has_initial:
+            return d.permute(1, 2, 3, 0)
+        # initial(x + d) - x = (M - I) x + t + M d
+        m = torch.as_tensor(self.initial_matrix, dtype=torch.float32)
+        mf, of = self._fixed_affine()
+        x_a, x_b = (self.initial_matrix - np.eye(3)) @ mf, (self.initial_matrix - np.eye(3)) @ of + self.initial_offset
+        return _grid_points(rows, self.fixed_grid.shape, x_a, x_b) + torch.einsum("ab,bijk->ijka", m, d)
 
     # --------------------------------------------------------------------------------------------- warped images
     def warp(self, moving: sitk.Image, interpolator: str = "linear", default: float = 0.0) -> sitk.Image:
