@@ -168,8 +168,22 @@ def sdlogj(jacobian: Any, mask: Any = None, border: int = L2R_BORDER) -> float:
     if values.size == 0:
         raise InputError("the mask selects no voxel inside the volume (after dropping the border); "
                          "give a mask that covers part of the image.")
-    log_j = np.log(np.clip(values.astype(np.float64) + 3.0, 1e-9, 1e9))
-    return float(np.std(log_j))
+    # one float64 copy (C order: the sums then add in the same order for any input layout), worked on in place
+    log_j = values.astype(np.float64, order="C")
+    log_j += 3.0
+    np.clip(log_j, 1e-9, 1e9, out=log_j)
+    np.log(log_j, out=log_j)
+    return _std_in_place(log_j)
+
+
+def _std_in_place(x: np.ndarray) -> float:
+    """``np.std(x)`` (``ddof=0``), bit for bit: the same sums and steps, but ``x`` (float64) is overwritten with the
+    squared deviations instead of a second full-size temporary holding them."""
+    mean = np.add.reduce(x, axis=None, keepdims=True)
+    np.true_divide(mean, x.size, out=mean)
+    x -= mean
+    np.multiply(x, x, out=x)
+    return float(np.sqrt(np.add.reduce(x, axis=None) / x.size))
 
 
 def folding_percent(jacobian: Any, mask: Any = None) -> float:
