@@ -389,8 +389,8 @@ def run_network(net: TextSCFNet, moving: np.ndarray, fixed: np.ndarray, regions:
 
 def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts: Prompts) -> tuple[dict, dict]:
     """Dice and HD95 (mm) per region name between two label maps on the same grid."""
-    fixed_arr = image_to_array(fixed_labels)
-    moving_arr = image_to_array(warped_labels)
+    fixed_arr = sitk.GetArrayViewFromImage(fixed_labels).transpose(2, 1, 0)  # (I, J, K) views: no full-size copies
+    moving_arr = sitk.GetArrayViewFromImage(warped_labels).transpose(2, 1, 0)
     spacing = fixed_labels.GetSpacing()
     dice = metrics.dice_per_label(moving_arr, fixed_arr, prompts.label_values)
     hd = metrics.hd95_per_label(moving_arr, fixed_arr, prompts.label_values, spacing)
@@ -564,11 +564,13 @@ def register(
         u_model, field_grid = _register_stage(run, inputs, field_inputs, moving_seg, init, options, steps, stats)
         del field_inputs
     with steps.stage("resample field"):
+        del seg, moving_seg  # full-size regions and confidence, done with once the field is found
         field = field_outputs(u_model, field_grid, fixed, init, moving, moving_labels)
-        jacobian = sitk.GetImageFromArray(field.jacobian.transpose(2, 1, 0))
-        jacobian.CopyInformation(fixed)
     with steps.stage("evaluate"):
         stats.update(field_statistics(field))
+        jacobian = sitk.GetImageFromArray(field.jacobian.transpose(2, 1, 0))
+        jacobian.CopyInformation(fixed)
+        field.jacobian = None  # the image holds it now: one full-size copy, not two
         if moving_labels is not None and fixed_labels is not None:
             stats.update(overlap_statistics(fixed_labels, moving_labels, field.warped_labels, init, run.prompts))
 
@@ -778,8 +780,9 @@ def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts
     """Dice and HD95 per region before, after and (with an initial alignment) after the initial alignment alone;
     means over all regions and over those present in both label maps (Learn2Reg's: an organ missing from one scan
     cannot be aligned)."""
-    before = resample_to_grid(moving_labels, fixed_labels, None, "nearest", 0)
-    dice_before, hd_before = region_metrics(fixed_labels, before, prompts)
+    # each resampled label map is freed once scored: one full-size copy at a time
+    dice_before, hd_before = region_metrics(fixed_labels, resample_to_grid(moving_labels, fixed_labels, None,
+                                                                           "nearest", 0), prompts)
     dice, hd = region_metrics(fixed_labels, warped_labels, prompts)
     in_both = regions_in_both(fixed_labels, moving_labels, prompts)
     out = dict(
@@ -791,8 +794,8 @@ def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts
         mean_dice_before_in_both=metrics.mean_ignoring_nan({r: dice_before[r] for r in in_both}),
     )
     if init is not None:
-        aligned = resample_to_grid(moving_labels, fixed_labels, init, "nearest", 0)
-        dice_init, _ = region_metrics(fixed_labels, aligned, prompts)
+        dice_init, _ = region_metrics(fixed_labels, resample_to_grid(moving_labels, fixed_labels, init, "nearest", 0),
+                                      prompts)
         out["mean_dice_initial_alignment"] = metrics.mean_ignoring_nan(dice_init)
     return out
 
