@@ -189,7 +189,11 @@ def parameter_node_numeric_defaults() -> dict[str, float]:
 def test_numeric_widgets_start_at_the_parameter_node_defaults(widgets):
     """A spin box whose .ui value differed from its parameter's default would flicker to the other on first use."""
     defaults = parameter_node_numeric_defaults()
-    assert defaults["refineIterations"] == 12 and defaults["refineFieldIterations"] == 30
+    from textscf.schedule import CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS
+
+    # the manual iterations start at the bundled model's default schedule
+    assert (defaults["refineIterations"], defaults["refineFieldIterations"]) == (CHECKPOINT_NETWORK_STEPS,
+                                                                                 CHECKPOINT_FIELD_STEPS)
     checked = 0
     for element in widgets.values():
         parameter = widget_property(element, "SlicerParameterName")

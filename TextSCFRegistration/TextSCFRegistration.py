@@ -304,12 +304,13 @@ if parameterNodeWrapper is not None:
         promptTemplate: str = ""
         integration: Integration = Integration.MODEL_DEFAULT
         # Automatic: the engine's default schedule (textscf.schedule), as `textscf register` and `textscf demo` run
-        # it; the iterations below are used only when it is off (their defaults are the bundled model's schedule).
+        # it; the iterations below are used only when it is off (their defaults are the bundled model's schedule:
+        # textscf.schedule.CHECKPOINT_NETWORK_STEPS and CHECKPOINT_FIELD_STEPS).
         automaticSchedule: bool = True
-        refineIterations: Annotated[int, WithinRange(0, 10000)] = 12
+        refineIterations: Annotated[int, WithinRange(0, 10000)] = 0
         refineLearningRate: Annotated[float, WithinRange(0.0, 1.0)] = 1e-3
         refineSmoothWeight: Annotated[float, WithinRange(0.0, 100.0)] = 0.1
-        refineFieldIterations: Annotated[int, WithinRange(0, 10000)] = 30
+        refineFieldIterations: Annotated[int, WithinRange(0, 10000)] = 100
         seed: Annotated[int, WithinRange(0, 2147483647)] = 0
         # The moving segmentation scores the result; only this puts it into the refinement loss.
         guideWithMovingLabels: bool = False

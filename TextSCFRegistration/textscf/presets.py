@@ -178,7 +178,7 @@ def model_rows(model_region_names, region_names) -> tuple[list[int], list[str]]:
 
 
 #: The bundled default model, in resources/models (its model card beside it).
-BUNDLED_MODEL = "abdomen-ct-onehot-ns8.pt"
+BUNDLED_MODEL = "abdomen-ct-onehot-ns8-8mm.pt"
 
 
 def bundled_model_path() -> Path:
