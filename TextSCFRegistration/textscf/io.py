@@ -79,6 +79,7 @@ TRANSFORM_WRITE_SUFFIXES = (".h5", ".hdf5", ".tfm", ".txt", ".mat")
 _READ_FORMATS_HINT = "NIfTI (.nii/.nii.gz), NRRD (.nrrd/.nhdr), MetaImage (.mha/.mhd) or a DICOM series folder"
 NIFTI_INTENT_DISPVECT = 1006
 NIFTI_INTENT_VECTOR = 1007
+NIFTI_SLAB_VOXELS = 1 << 22  # voxels converted at a time when a displacement NIfTI is written (16 MB of float32)
 #: Voxel spacings outside this range (mm) are refused as non-physical (a header in metres or micrometres, or 0).
 SPACING_RANGE_MM = (1e-3, 100.0)
 #: Largest |DᵀD - I| entry of a direction matrix still taken as a rotation (NIfTI stores it in float32).
@@ -493,23 +494,31 @@ def _float64_field(field: sitk.Image) -> sitk.Image:
 
 
 def _write_nifti_dispvect(field: sitk.Image, path: Path) -> None:
-    """NIfTI-1, intent 1006, RAS vectors, 5-D ``(I, J, K, 1, 3)`` layout, qform = sform = RAS affine."""
-    import nibabel as nib
+    """NIfTI-1, intent 1006, RAS vectors, 5-D ``(I, J, K, 1, 3)`` layout, qform = sform = RAS affine.
 
+    nibabel makes the header (from a zero-stride stand-in of the data's shape); the voxels follow in NIfTI's order
+    (component, then k, j, i), a few k-slices at a time, so no full-size copy of the field is made.
+    """
+    import nibabel as nib
+    from nibabel.openers import ImageOpener
 
     view = sitk.GetArrayViewFromImage(field)  # [k, j, i, c], no copy
     size = field.GetSize()
-    # Fortran order is NIfTI's on-disk order: nibabel then writes without another copy
-    vec = np.empty((size[0], size[1], size[2], 1, 3), dtype=np.float32, order="F")
-    vec[:, :, :, 0, :] = view.transpose(2, 1, 0, 3)
-    vec[..., :2] *= -1.0  # LPS -> RAS vectors
     affine = ijk_to_ras_matrix(field)
-    nii = nib.Nifti1Image(vec, affine)
+    nii = nib.Nifti1Image(np.broadcast_to(np.float32(0), (size[0], size[1], size[2], 1, 3)), affine)
     nii.header.set_intent(NIFTI_INTENT_DISPVECT)
     nii.header.set_qform(affine, code=1)
     nii.header.set_sform(affine, code=1)
     nii.header.set_xyzt_units("mm")
-    nib.save(nii, str(path))
+    nii.update_header()
+    nii.header.set_slope_inter(1.0, 0.0)  # unscaled: what nibabel stores for float32 data
+    dtype = nii.header.get_data_dtype()  # float32 in the header's byte order
+    slices = max(1, NIFTI_SLAB_VOXELS // (size[0] * size[1]))
+    with ImageOpener(str(path), "wb") as f:
+        nii.header.write_to(f)  # ends at the data offset (no extensions)
+        for c, sign in enumerate((-1.0, -1.0, 1.0)):  # LPS -> RAS vectors
+            for k in range(0, size[2], slices):
+                f.write((view[k:k + slices, :, :, c] * np.float32(sign)).astype(dtype, copy=False).tobytes())
 
 
 def _write_field_file(field: sitk.Image, path: Path, nifti_intent: int) -> None:
