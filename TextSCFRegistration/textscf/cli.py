@@ -269,6 +269,36 @@ class _ProgressBar:
             self.bar.close()
 
 
+def peak_rss_mib() -> float | None:
+    """This process's peak resident memory so far in MiB (``ru_maxrss``); None where the platform has no such count."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / 1024 ** (2 if sys.platform == "darwin" else 1), 1)  # bytes on macOS, KiB on Linux
+
+
+class _StagePeaks:
+    """A progress callback that passes every call on and notes :func:`peak_rss_mib` as each stage ends.
+
+    ``peaks`` maps a stage to the peak so far at its end: it never decreases, so the stage where it rises set the
+    peak. The last stage still running has no entry.
+    """
+
+    def __init__(self, progress: Callable):
+        self.progress = progress
+        self.peaks: dict[str, float | None] = {}
+        self._stage: str | None = None
+
+    def __call__(self, stage: str, fraction: float, seconds_left: float | None = None) -> None:
+        if stage != self._stage:
+            if self._stage is not None:
+                self.peaks[self._stage] = peak_rss_mib()
+            self._stage = stage
+        self.progress(stage, fraction, seconds_left)
+
+
 def _options_from_args(args) -> RegistrationOptions:
     from textscf.pipeline import RegistrationOptions
 
@@ -300,11 +330,13 @@ def run_registration(fixed, moving, output, options, fixed_labels=None, moving_l
     try:
         with OutputFolder(output, overwrite=overwrite, names=names, inputs=input_files, manifest=MANIFEST_NAME,
                           known_names=all_output_names()) as out:
-            result = register(fixed, moving, options, fixed_labels, moving_labels, initial_transform, progress=bar,
+            stages = _StagePeaks(bar)
+            result = register(fixed, moving, options, fixed_labels, moving_labels, initial_transform, progress=stages,
                               log=lambda line: bar.write(f"textscf: {line}"))
             if add_stats is not None:
                 add_stats(result)
-            bar("write outputs", 1.0, None)
+            stages("write outputs", 1.0, None)
+            result.stats["peak_rss_mib_after_stage"] = stages.peaks
             modality = "mri" if (options.preset or "").startswith("brain") else "ct"
             write_outputs(out, result, fixed, moving, inputs or {}, field_format, qc, fixed_labels, modality)
     finally:
