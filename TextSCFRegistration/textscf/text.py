@@ -443,8 +443,8 @@ def background_vector(region_embeddings: torch.Tensor) -> torch.Tensor:
         region_embeddings: ``E (M, C1)``, one row per region, ``M < C1``.
 
     Returns:
-        ``(C1,)`` float32 with unit norm and ``E @ b ~ 0``; its largest-magnitude component is positive, so the
-        sign is deterministic. For ``M < C1 - 1`` the orthogonal complement has more than one dimension and the
+        ``(C1,)`` float32 with unit norm and ``E @ b ~ 0``; its first largest-magnitude component is positive, so
+        the sign is deterministic. For ``M < C1 - 1`` the orthogonal complement has more than one dimension and the
         direction picked here (from the SVD) is one of many; it can differ between platforms or library versions,
         which is why a trained model stores the B it was trained with instead of recomputing it.
     """
@@ -469,7 +469,11 @@ def background_vector(region_embeddings: torch.Tensor) -> torch.Tensor:
     _, _, vh = torch.linalg.svd(e, full_matrices=True)
     b = vh[-1]
     b = b / torch.linalg.vector_norm(b)
-    if b[torch.argmax(b.abs())] < 0:
+    # the sign: the first component of largest magnitude is positive; magnitudes within 1e-9 of the largest count as
+    # ties, so rounding in the SVD (which differs between LAPACK builds and thread counts) cannot flip it
+    magnitude = b.abs()
+    lead = int(torch.nonzero(magnitude >= magnitude.max() - 1e-9)[0])
+    if b[lead] < 0:
         b = -b
     return b.to(torch.float32)
 
