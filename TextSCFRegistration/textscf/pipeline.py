@@ -38,7 +38,6 @@ from textscf.spatial import (
     IntensityNormaliser,
     ModelGrid,
     compose_with_initial,
-    fit_box_centre,
     image_to_array,
     model_grid_for,
     physical_displacement_to_voxel,
@@ -350,12 +349,11 @@ def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: P
 
 
 def model_grid(cfg: TextSCFConfig, fixed: sitk.Image, body_mask: sitk.Image | None) -> ModelGrid:
-    """The model's input grid: the checkpoint's spacing, shape and orientation, centred on the fixed body, moved as
-    little as needed to cover the fixed image along the axes where it can (:func:`textscf.spatial.fit_box_centre`)."""
+    """The model's input grid: the checkpoint's spacing, shape and orientation, centred on the fixed body."""
     centred = model_grid_for(fixed, cfg.spacing, cfg.input_shape, body_mask=body_mask)
     direction = np.array(cfg.direction).reshape(3, 3)
     half_extent = np.array(cfg.spacing) * (np.array(cfg.input_shape) - 1) / 2.0
-    origin = fit_box_centre(fixed, centred.centre(), direction, half_extent) - direction @ half_extent
+    origin = centred.centre() - direction @ half_extent
     return ModelGrid(cfg.input_shape, cfg.spacing, tuple(origin), cfg.direction)
 
 
