@@ -141,6 +141,9 @@ def markdown(summaries: list[dict], ours: list[str], title: str, note: str) -> s
 
 # ------------------------------------------------------------------------------------------------ abdomen
 REFINE_FIXED = "textSCF + refine (fixed labels only)"
+# The same network given no regions (every voxel background, confidence 0): the shared filter w_r alone, i.e. what the
+# network does without SCF (training shows it pairs without regions on part of the steps).
+NO_REGIONS = "textSCF network without regions (w_r alone)"
 REFINE_BOTH = "textSCF + refine (both label maps)"
 DEFAULTS = "textSCF defaults (textscf register, no options)"
 # What `textscf register fixed moving -o out` runs: the default schedule (textscf.schedule.default_schedule).
@@ -195,6 +198,9 @@ def abdomen(args) -> tuple[list[dict], str]:
         if ckpt and not (name == "textSCF" and args.no_network_row):
             methods[name] = RegistrationOptions(checkpoint=ckpt, preset="abdomen-ct", init=args.abdomen_init,
                                                 device=args.device)
+    if args.no_regions_row:
+        methods[NO_REGIONS] = RegistrationOptions(checkpoint=args.checkpoint, preset="abdomen-ct",
+                                                  init=args.abdomen_init, device=args.device)
     if not args.no_defaults:
         methods.update(default_rows(args, checkpoint=args.checkpoint, preset="abdomen-ct", init=args.abdomen_init,
                                     device=args.device))
@@ -222,7 +228,8 @@ def abdomen(args) -> tuple[list[dict], str]:
                 add(pair, method, 0.0, pair_metrics(res.warped_labels, fixed_lab, labels, spacing,
                                                     res.displacement_voxels, moving_labels=moving_lab))
             else:
-                warped, jac, seconds, _, _ = run_textscf(fixed, moving, fixed_lab, moving_lab, spacing, options)
+                warped, jac, seconds, _, _ = run_textscf(fixed, moving, fixed_lab, moving_lab, spacing, options,
+                                                         with_fixed_labels=method != NO_REGIONS)
                 add(pair, method, seconds, pair_metrics(warped, fixed_lab, labels, spacing, jacobian=jac,
                                                         moving_labels=moving_lab))
         for method, fn in (("ANTs SyN", peers.register_ants_syn), ("Elastix B-spline", peers.register_elastix_bspline)):
@@ -244,6 +251,7 @@ def abdomen(args) -> tuple[list[dict], str]:
             + (" Defaults: what `textscf register` runs with no options (the fixed label map given as the region "
                "map, the moving one only scoring)." if not args.no_defaults else ""))
     note += " " + paired_difference(rows, "textSCF", "LKU-Net (no SCF)")
+    note += " " + paired_difference(rows, "textSCF", NO_REGIONS)
     note += " " + paired_difference(rows, DEFAULTS, "Elastix B-spline") + " " + \
         paired_difference(rows, DEFAULTS, "ANTs SyN")
     return rows, markdown(summaries, ["textSCF", DEFAULTS, REFINE_FIXED], "Abdomen CT (label-derived synthetic images)",
@@ -406,6 +414,8 @@ def main(argv=None) -> int:
                    "level, fixed labels only and both label maps")
     p.add_argument("--no-defaults", action="store_true", help="leave out the row of `textscf register`'s defaults")
     p.add_argument("--no-network-row", action="store_true", help="leave out the network-alone row")
+    p.add_argument("--no-regions-row", action="store_true", help="also the network alone given no regions (the "
+                   "shared filter w_r alone: the same weights without SCF)")
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),
                    help="variants of the default refinement to run as rows too: " +
                    "; ".join(f"{k}: {v[0]}" for k, v in VARIANTS.items()))
