@@ -114,3 +114,37 @@ def test_the_last_use_can_release_the_field(case):
     kept = image_to_array(deformation.total_image())
     released = image_to_array(deformation.total_image(release=True))
     assert np.array_equal(kept, released) and deformation.d_mm is None
+
+
+def test_a_voxel_field_carried_between_grids():
+    """Onto the subdivided box: exactly resize_field; onto a shifted, finer box: a field linear in space stays exact
+    inside the source's voxel centres and continues with the border value beyond them (no drop to zero)."""
+    import torch
+
+    from textscf.deformation import resample_voxel_field
+    from textscf.spatial import ModelGrid
+    from textscf.warp import resize_field
+
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    source = ModelGrid((10, 8, 12), (8.0, 6.0, 4.0), (5.0, -3.0, 20.0), rotation)
+    rng = np.random.default_rng(0)
+    u = rng.normal(size=(3, 10, 8, 12)).astype(np.float32)
+    fine = source.subdivided(2)
+    expected = resize_field(torch.from_numpy(u)[None], fine.shape, rescale=True)[0].numpy()
+    np.testing.assert_allclose(resample_voxel_field(u, source, fine), expected, atol=1e-5)
+
+    shifted = ModelGrid((20, 16, 24), (4.0, 3.0, 2.0), source.index_to_physical([-2.0, 1.5, 3.0]), rotation)
+    slope = np.array([0.3, -0.2, 0.1])  # mm of displacement per voxel along each axis of the source
+    idx = np.stack(np.meshgrid(*[np.arange(n, dtype=float) for n in source.shape], indexing="ij"))
+    mm = slope[:, None, None, None] * idx  # component a: slope[a] * index a, in mm
+    linear = (mm / np.array(source.spacing)[:, None, None, None]).astype(np.float32)
+    out = resample_voxel_field(linear, source, shifted) * np.array(shifted.spacing)[:, None, None, None]
+    at = source.physical_to_index(shifted.physical_points())  # target voxel centres in source indices
+    inside = np.all((at >= 0) & (at <= np.array(source.shape) - 1), axis=-1)
+    clamped = np.clip(at, 0, np.array(source.shape) - 1)
+    truth = np.moveaxis(slope * clamped, -1, 0)
+    assert inside.any() and (~inside).any()
+    np.testing.assert_allclose(out[:, inside], truth[:, inside], atol=1e-4)
+    np.testing.assert_allclose(out[:, ~inside], truth[:, ~inside], atol=1e-4)  # the border value beyond
+    with pytest.raises(InputError, match="same direction"):
+        resample_voxel_field(u, source, ModelGrid(source.shape, source.spacing, source.origin))

@@ -297,3 +297,25 @@ def test_a_non_finite_field_is_refused_with_its_cause_and_fix():
         _check_finite_field(u, refined=True)
     with pytest.raises(CheckpointError, match=r"network produced 2 .*check the checkpoint"):
         _check_finite_field(u, refined=False)
+
+
+def test_the_field_grid_covers_the_image_while_the_network_keeps_its_body_centred_grid():
+    """A body near one end of the image: the network's grid stays on the body (its training placement), the field
+    steps' grid (the same size) moves to cover the image, so the field never drops to zero inside the image."""
+    from textscf.pipeline import field_grid, model_grid
+    from textscf.train import build_model
+
+    arr = np.full((60, 40, 64), -1000.0, np.float32)
+    arr[10:50, 8:32, 2:20] = 40.0  # the body in the first slices along k
+    fixed = sitk.GetImageFromArray(arr.transpose(2, 1, 0))
+    fixed.SetSpacing((4.0, 4.0, 4.0))
+    net = build_model(["a"], [1], start_channels=2, hidden_channels=8, spacing=(8.0, 8.0, 8.0),
+                      input_shape=(32, 32, 32), direction=tuple(np.eye(3).ravel()))
+    grid = model_grid(net.config, fixed, None)
+    fields = field_grid(grid, 2, fixed)
+    assert fields.shape == (64, 64, 64) and fields.spacing == (4.0, 4.0, 4.0)
+    image_low, image_high = np.zeros(3), (np.array(arr.shape) - 1) * 4.0
+    low, high = np.array(fields.origin), np.array(fields.index_to_physical(np.array(fields.shape) - 1.0))
+    assert np.all(low <= image_low + 1e-6) and np.all(high >= image_high - 1e-6)  # 256 mm covers 236/156/252 mm
+    assert grid.centre()[2] < fields.centre()[2] - 20  # the network's grid stays on the body
+    assert field_grid(grid, 1, fixed).shape == grid.shape

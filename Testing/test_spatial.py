@@ -277,6 +277,27 @@ def test_model_grid_for_centres_on_the_body():
                                atol=1e-6)
 
 
+def test_fit_box_centre_covers_the_image_where_the_box_is_long_enough():
+    """A grid centred on a body near one end of the image would leave the other end outside (zero field there, folds
+    at the grid's edge): it moves just enough to cover the image on axes where it can, and stays inside elsewhere."""
+    shape, spacing = (40, 30, 50), np.array([2.0, 2.0, 4.0])
+    fixed = make_image(np.zeros(shape, np.float32), ORIGIN, spacing, DIRECTION)
+    grid = sp.ModelGrid.from_image(fixed)
+    # in image voxels: 25 (longer than the image's 39 along i), 10 (shorter than 29 along j), 24.5 (exactly 49 along k)
+    half = np.array([50.0, 20.0, 98.0])
+    body = grid.index_to_physical(np.array([5.0, 3.0, 45.0]))  # near the first i and j voxels and the last k voxel
+    centre = sp.fit_box_centre(fixed, body, DIRECTION, half)
+    along = grid.physical_to_index(centre)
+    box_low, box_high = along - half / spacing, along + half / spacing
+    np.testing.assert_allclose(box_high[0], shape[0] - 1, atol=1e-9)  # moved just enough to cover i
+    assert box_low[0] < 0
+    np.testing.assert_allclose(box_low[1], 0.0, atol=1e-9)  # within j, as close to the body as it can stay
+    np.testing.assert_allclose([box_low[2], box_high[2]], [0.0, shape[2] - 1], atol=1e-9)  # exactly covers k
+    # a box already in place does not move
+    middle = grid.centre()
+    np.testing.assert_allclose(sp.fit_box_centre(fixed, middle, DIRECTION, half), middle, atol=1e-9)
+
+
 def test_model_grid_for_large_image_uses_subsampling_but_stays_close():
     shape = (300, 260, 140)
     arr = np.full(shape, -1000.0, np.float32)

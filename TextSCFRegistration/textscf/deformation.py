@@ -113,6 +113,28 @@ def _determinant(u: torch.Tensor) -> torch.Tensor:
     return det
 
 
+def resample_voxel_field(u: np.ndarray, source: ModelGrid, target: ModelGrid) -> np.ndarray:
+    """A voxel field ``(3, I, J, K)`` of ``source`` on ``target`` (the same direction): trilinear, with the border value
+    beyond ``source``'s voxel centres (a field carried onto a larger box continues, rather than dropping to zero), the
+    components rescaled from ``source``'s voxels to ``target``'s. Between a grid and its
+    :meth:`~textscf.spatial.ModelGrid.subdivided` box this equals :func:`textscf.warp.resize_field` with
+    ``rescale=True``."""
+    if not np.allclose(source.direction_matrix, target.direction_matrix, atol=1e-6):
+        raise InputError("a voxel field is carried only between grids of the same direction")
+    offset = source.direction_matrix.T @ (np.array(target.origin) - np.array(source.origin))  # mm along the axes
+    axes = []
+    for a in range(3):
+        index = (offset[a] + target.spacing[a] * np.arange(target.shape[a])) / source.spacing[a]
+        axes.append(torch.as_tensor(2.0 * index / max(source.shape[a] - 1, 1) - 1.0, dtype=torch.float32))
+    gi, gj, gk = torch.meshgrid(*axes, indexing="ij")
+    where = torch.stack([gk, gj, gi], dim=-1)[None]  # grid_sample's (x, y, z) are the (K, J, I) axes
+    field = torch.from_numpy(np.ascontiguousarray(u, np.float32))[None]
+    with torch.no_grad():
+        out = F.grid_sample(field, where, mode="bilinear", padding_mode="border", align_corners=True)[0]
+    scale = torch.tensor([s / t for s, t in zip(source.spacing, target.spacing)], dtype=torch.float32)
+    return (out * scale.view(3, 1, 1, 1)).numpy()
+
+
 class Deformation:
     """``x -> initial(x + d(x))`` on the fixed grid, with ``d`` the network's field resampled from the model grid.
 

@@ -38,11 +38,13 @@ from textscf.spatial import (
     IntensityNormaliser,
     ModelGrid,
     compose_with_initial,
+    fit_box_centre,
     image_to_array,
     model_grid_for,
     physical_displacement_to_voxel,
     resample_displacement,
     resample_to_grid,
+    same_grid,
     voxel_displacement_to_physical,
     warp_image,
 )
@@ -348,6 +350,17 @@ def segment_fixed(fixed: sitk.Image, fixed_labels: sitk.Image | None, prompts: P
     return segmentor.predict(fixed)
 
 
+def field_grid(grid: ModelGrid, subdivision: int, fixed: sitk.Image) -> ModelGrid:
+    """The grid of the field steps: the model grid subdivided ``subdivision`` times, moved as little as needed to
+    cover the fixed image on the axes where it is long enough (:func:`textscf.spatial.fit_box_centre`), so that no band
+    of the image is left where the field would drop to zero and fold against the inside. The network keeps its
+    body-centred grid, the placement it was trained with."""
+    sub = grid.subdivided(subdivision)
+    half = np.array(sub.spacing) * (np.array(sub.shape) - 1) / 2.0
+    centre = fit_box_centre(fixed, sub.centre(), sub.direction_matrix, half)
+    return ModelGrid(sub.shape, sub.spacing, tuple(centre - sub.direction_matrix @ half), sub.direction)
+
+
 def model_grid(cfg: TextSCFConfig, fixed: sitk.Image, body_mask: sitk.Image | None) -> ModelGrid:
     """The model's input grid: the checkpoint's spacing, shape and orientation, centred on the fixed body."""
     centred = model_grid_for(fixed, cfg.spacing, cfg.input_shape, body_mask=body_mask)
@@ -557,15 +570,16 @@ def register(
     with steps.stage("resample to model grid"):
         inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows)
         field_inputs = inputs
-        if run.schedule.field_steps > 0 and run.schedule.field_subdivision > 1:
-            field_inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows,
-                                        inputs.grid.subdivided(run.schedule.field_subdivision))
+        if run.schedule.field_steps > 0:
+            grid = field_grid(inputs.grid, run.schedule.field_subdivision, fixed)
+            if not same_grid(grid, inputs.grid):
+                field_inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows, grid)
     with steps.stage("register"):
-        u_model, field_grid = _register_stage(run, inputs, field_inputs, moving_seg, init, options, steps, stats)
+        u_model, u_grid = _register_stage(run, inputs, field_inputs, moving_seg, init, options, steps, stats)
         del field_inputs
     with steps.stage("resample field"):
         del seg, moving_seg  # full-size regions and confidence, done with once the field is found
-        field = field_outputs(u_model, field_grid, fixed, init, moving, moving_labels)
+        field = field_outputs(u_model, u_grid, fixed, init, moving, moving_labels)
     with steps.stage("evaluate"):
         stats.update(field_statistics(field))
         jacobian = sitk.GetImageFromArray(field.jacobian.transpose(2, 1, 0))
@@ -577,7 +591,7 @@ def register(
     stats["seconds_per_stage"] = dict(steps.seconds)
     stats["seconds_total"] = round(sum(steps.seconds.values()), 3)
     stats["model_grid"] = {"shape": list(inputs.grid.shape), "spacing": list(inputs.grid.spacing)}
-    stats["field_grid"] = {"shape": list(field_grid.shape), "spacing": list(field_grid.spacing)}
+    stats["field_grid"] = {"shape": list(u_grid.shape), "spacing": list(u_grid.spacing)}
     stats["checkpoint"] = str(run.checkpoint)
     steps.finish()
     return RegistrationResult(displacement=field.total, warped=field.warped, jacobian=jacobian,
@@ -713,7 +727,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
     run_note = None
     if field_inputs is inputs:
         refined = refine(inputs, settings)
-    else:  # the network on its grid, the field steps on the finer field grid from its field
+    else:  # the network on its grid, the field steps on the field grid from its field
         if schedule.network_steps > 0:
             first = refine(inputs, replace(settings, field_iterations=0))
             start, network_summary = first.displacement, first.summary()
@@ -723,7 +737,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
             network_summary = None
         else:
             start, network_summary = np.zeros((3,) + inputs.grid.shape, np.float32), None
-        start = _field_on_grid(start, field_inputs.grid.shape)
+        start = deformation.resample_voxel_field(start, inputs.grid, field_inputs.grid)
         refined = refine(field_inputs, replace(settings, iterations=0), start, schedule.network_steps)
         if network_summary is not None:
             stats["refine_network"] = network_summary
@@ -736,16 +750,6 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
 def _moving_regions(moving_seg, on: ModelInputs, init) -> np.ndarray:
     """The moving image's regions on ``on``'s grid as rows of the text matrix (for the Dice term)."""
     return on.lut[image_to_array(resample_to_grid(moving_seg.regions, on.grid, init, "nearest", 0)).astype(np.int64)]
-
-
-def _field_on_grid(u: np.ndarray, shape) -> np.ndarray:
-    """A model-grid voxel field ``(3, I, J, K)`` on the subdivided grid of ``shape`` (same box: exact, voxel units
-    rescaled)."""
-    from textscf.warp import resize_field
-
-    with torch.no_grad():
-        out = resize_field(torch.from_numpy(np.ascontiguousarray(u, np.float32))[None], tuple(shape), rescale=True)
-    return out[0].numpy()
 
 
 def _record_device(run: _Run, run_note: str | None, stats: dict) -> None:

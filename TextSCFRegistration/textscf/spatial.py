@@ -18,6 +18,7 @@ __all__ = [
     "grid_mismatch",
     "same_grid",
     "model_grid_for",
+    "fit_box_centre",
     "body_threshold_for",
     "body_box_centre",
     "resample_to_grid",
@@ -286,6 +287,26 @@ def model_grid_for(fixed: sitk.Image, spacing: Sequence[float], shape: Sequence[
     d = fixed_grid.direction_matrix
     origin = centre - d @ (np.array(spacing) * (np.array(shape) - 1) / 2.0)
     return ModelGrid(shape, spacing, tuple(origin), fixed_grid.direction)
+
+
+def fit_box_centre(image: sitk.Image, centre, direction, half_extent) -> np.ndarray:
+    """``centre`` (LPS mm) of a box of ``half_extent`` mm along each column of ``direction`` (3x3), moved along those
+    axes as little as needed so that, on every axis, the box covers the image's voxel centres where it is at least as
+    long as they span, and stays within them where it is shorter (no part of the image left outside a grid that could
+    hold it, where its field would drop to zero and fold against the inside).
+    """
+    d = np.asarray(direction, float).reshape(3, 3)
+    half = np.asarray(half_extent, float)
+    grid = ModelGrid.from_image(image)
+    corners = np.array(np.meshgrid(*[[0.0, n - 1.0] for n in grid.shape], indexing="ij")).reshape(3, -1).T
+    along = grid.index_to_physical(corners) @ d  # the image's corners in the box's axes
+    low, high = along.min(0), along.max(0)
+    c = np.asarray(centre, float) @ d
+    covers = 2.0 * half >= high - low
+    c = np.where(covers, np.clip(c, high - half, low + half), np.clip(c, low + half, high - half))
+    return d @ c
+
+
 
 
 # ----------------------------------------------------------------------------------------------- resampling
