@@ -15,12 +15,8 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
-@pytest.fixture(scope="session")
-def tiny_abdomen_checkpoint(tmp_path_factory):
-    """A random-init one-hot textSCF checkpoint for the 13 abdomen organs on a small 4 mm grid.
-
-    Its initial field is near zero, so registrations with it are close to identity after the initial alignment.
-    """
+def save_abdomen_checkpoint(path: Path, spacing, input_shape) -> Path:
+    """A random-init one-hot textSCF checkpoint for the 13 abdomen organs (N_s 2, CΦ 8) on the given grid."""
     import torch
 
     from textscf.checkpoint import save_checkpoint
@@ -30,7 +26,16 @@ def tiny_abdomen_checkpoint(tmp_path_factory):
 
     preset = load_preset("abdomen-ct")
     net = build_model(list(preset.region_names), list(preset.label_values), "onehot", preset.template,
-                      start_channels=2, hidden_channels=8, spacing=(4.0, 4.0, 4.0), input_shape=(48, 48, 64),
+                      start_channels=2, hidden_channels=8, spacing=spacing, input_shape=input_shape,
                       direction=PHANTOM_DIRECTION, seed=0)
     torch.manual_seed(0)
-    return save_checkpoint(net, tmp_path_factory.mktemp("models") / "tiny.pt")
+    return save_checkpoint(net, path)
+
+
+@pytest.fixture(scope="session")
+def tiny_abdomen_checkpoint(tmp_path_factory):
+    """A random-init one-hot textSCF checkpoint for the 13 abdomen organs on a small 4 mm grid.
+
+    Its initial field is near zero, so registrations with it are close to identity after the initial alignment.
+    """
+    return save_abdomen_checkpoint(tmp_path_factory.mktemp("models") / "tiny.pt", (4.0, 4.0, 4.0), (48, 48, 64))

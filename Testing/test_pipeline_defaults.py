@@ -125,19 +125,9 @@ def test_register_without_options_runs_the_default_schedule_and_reports_it(pair_
 @pytest.fixture(scope="module")
 def coarse_checkpoint(tmp_path_factory):
     """A random-init one-hot abdomen checkpoint on an 8 mm grid, as the bundled network is trained."""
-    import torch
+    from conftest import save_abdomen_checkpoint
 
-    from textscf.checkpoint import save_checkpoint
-    from textscf.phantom import PHANTOM_DIRECTION
-    from textscf.presets import load_preset
-    from textscf.train import build_model
-
-    preset = load_preset("abdomen-ct")
-    net = build_model(list(preset.region_names), list(preset.label_values), "onehot", preset.template,
-                      start_channels=2, hidden_channels=8, spacing=(8.0, 8.0, 8.0), input_shape=(32, 32, 32),
-                      direction=PHANTOM_DIRECTION, seed=0)
-    torch.manual_seed(0)
-    return save_checkpoint(net, tmp_path_factory.mktemp("models") / "coarse.pt")
+    return save_abdomen_checkpoint(tmp_path_factory.mktemp("models") / "coarse.pt", (8.0, 8.0, 8.0), (32, 32, 32))
 
 
 def test_a_coarse_network_starts_the_field_steps_on_its_grid_subdivided(pair, coarse_checkpoint):
