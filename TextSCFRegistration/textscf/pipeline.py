@@ -356,18 +356,13 @@ def field_grid(grid: ModelGrid, subdivision: int, fixed: sitk.Image) -> ModelGri
     of the image is left where the field would drop to zero and fold against the inside. The network keeps its
     body-centred grid, the placement it was trained with."""
     sub = grid.subdivided(subdivision)
-    half = np.array(sub.spacing) * (np.array(sub.shape) - 1) / 2.0
-    centre = fit_box_centre(fixed, sub.centre(), sub.direction_matrix, half)
-    return ModelGrid(sub.shape, sub.spacing, tuple(centre - sub.direction_matrix @ half), sub.direction)
+    return sub.centred_at(fit_box_centre(fixed, sub.centre(), sub.direction_matrix, sub.half_extent))
 
 
 def model_grid(cfg: TextSCFConfig, fixed: sitk.Image, body_mask: sitk.Image | None) -> ModelGrid:
     """The model's input grid: the checkpoint's spacing, shape and orientation, centred on the fixed body."""
     centred = model_grid_for(fixed, cfg.spacing, cfg.input_shape, body_mask=body_mask)
-    direction = np.array(cfg.direction).reshape(3, 3)
-    half_extent = np.array(cfg.spacing) * (np.array(cfg.input_shape) - 1) / 2.0
-    origin = centred.centre() - direction @ half_extent
-    return ModelGrid(cfg.input_shape, cfg.spacing, tuple(origin), cfg.direction)
+    return ModelGrid(cfg.input_shape, cfg.spacing, (0.0, 0.0, 0.0), cfg.direction).centred_at(centred.centre())
 
 
 def normalise_for_model(image: sitk.Image, net: TextSCFNet) -> np.ndarray:

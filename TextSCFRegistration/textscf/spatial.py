@@ -127,6 +127,16 @@ class ModelGrid:
         points = np.asarray(points, dtype=float)
         return (points - np.array(self.origin)) @ np.linalg.inv(self.index_to_physical_matrix).T
 
+    @property
+    def half_extent(self) -> np.ndarray:
+        """``(3,)`` mm from the centre to the outermost voxel centres along each index axis."""
+        return np.array(self.spacing) * (np.array(self.shape) - 1) / 2.0
+
+    def centred_at(self, centre) -> "ModelGrid":
+        """This grid (shape, spacing, direction) moved so that its :meth:`centre` is ``centre`` (LPS mm)."""
+        origin = np.asarray(centre, float) - self.direction_matrix @ self.half_extent
+        return ModelGrid(self.shape, self.spacing, tuple(origin), self.direction)
+
     def centre(self) -> np.ndarray:
         """``(3,)`` LPS mm centre of the grid (the midpoint between the first and last voxel centres)."""
         return self.index_to_physical((np.array(self.shape) - 1) / 2.0)
@@ -284,9 +294,7 @@ def model_grid_for(fixed: sitk.Image, spacing: Sequence[float], shape: Sequence[
     centre = body_box_centre(fixed, body_mask, body_threshold)
     if centre is None:
         centre = fixed_grid.centre()
-    d = fixed_grid.direction_matrix
-    origin = centre - d @ (np.array(spacing) * (np.array(shape) - 1) / 2.0)
-    return ModelGrid(shape, spacing, tuple(origin), fixed_grid.direction)
+    return ModelGrid(shape, spacing, (0.0, 0.0, 0.0), fixed_grid.direction).centred_at(centre)
 
 
 def fit_box_centre(image: sitk.Image, centre, direction, half_extent) -> np.ndarray:
