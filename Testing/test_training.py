@@ -96,6 +96,22 @@ def test_resume_continues_the_schedule(tmp_path):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_stop_after_ends_a_stage_early_on_the_planned_schedule(tmp_path):
+    """A stage stopped after epoch 2 of 4 trains exactly the first two epochs of the 4-epoch run, and resuming it
+    with the full schedule finishes that run."""
+    settings = fast_settings(epochs=4, steps_per_epoch=3)
+    full = train(tiny_model(), OnePair(), tmp_path / "full", settings)
+    stopped = train(tiny_model(), OnePair(), tmp_path / "stopped", fast_settings(epochs=4, steps_per_epoch=3, stop_after=2))
+    assert [r["epoch"] for r in stopped.history] == [1, 2]
+    assert [r["lr"] for r in stopped.history] == pytest.approx([r["lr"] for r in full.history[:2]])
+    assert [r["loss"] for r in stopped.history] == pytest.approx([r["loss"] for r in full.history[:2]], rel=1e-4)
+    finished = train(tiny_model(seed=5), OnePair(), tmp_path / "stopped", settings, resume=True)
+    assert [r["epoch"] for r in finished.history] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match="outside 1..epochs"):
+        train(tiny_model(), OnePair(), tmp_path / "bad", fast_settings(epochs=4, stop_after=5))
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_without_state_is_a_clear_error(tmp_path):
     from textscf.errors import CheckpointError
 

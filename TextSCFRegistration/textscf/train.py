@@ -37,7 +37,9 @@ class TrainSettings:
     """Optimisation settings (the paper's defaults).
 
     Attributes:
-        epochs: passes over ``steps_per_epoch`` pairs.
+        epochs: passes over ``steps_per_epoch`` pairs (the length the learning-rate schedule plans for).
+        stop_after: end the run after this epoch (None = ``epochs``) while the schedule still decays over
+            ``epochs``: a stage stopped early, reproducibly (its last.pt is that epoch's weights).
         steps_per_epoch: pairs per epoch (None = the dataset's length).
         learning_rate: Adam's initial rate (1e-4); decays as ``(1 - epoch / epochs) ** power``.
         power: polynomial decay power (0.9).
@@ -58,6 +60,7 @@ class TrainSettings:
     """
 
     epochs: int = 100
+    stop_after: int | None = None
     steps_per_epoch: int | None = None
     learning_rate: float = 1e-4
     power: float = 0.9
@@ -193,6 +196,16 @@ def validate(net: TextSCFNet, pairs: Dataset, device: torch.device) -> float:
     return float(np.nanmean(scores)) if scores else float("nan")
 
 
+def _last_epoch(settings: TrainSettings) -> int:
+    """The number of epochs this run trains: ``epochs``, or fewer with ``stop_after``."""
+    if settings.stop_after is None:
+        return settings.epochs
+    if not 1 <= settings.stop_after <= settings.epochs:
+        raise ValueError(f"stop_after={settings.stop_after} is outside 1..epochs ({settings.epochs}); give an epoch "
+                         f"of the planned schedule")
+    return settings.stop_after
+
+
 def _save_state(path: Path, optimiser, epoch: int, best: float, history: list[dict], settings: TrainSettings):
     state = {"optimizer": optimiser.state_dict(), "epoch": epoch, "best_val_dice": best, "history": history,
              "settings": asdict(settings)}
@@ -223,6 +236,7 @@ def train(
         :class:`TrainResult`.
     """
     settings = settings or TrainSettings()
+    last_epoch = _last_epoch(settings)
     out = Path(output_dir)
     rank, world = _distributed()
     if rank == 0:
@@ -238,7 +252,7 @@ def train(
     best_path, last_path = out / "best.pt", out / "last.pt"
     meta = {**(metadata or {}), "train_settings": asdict(settings)}
 
-    for epoch in range(start_epoch, settings.epochs):
+    for epoch in range(start_epoch, last_epoch):
         lr = _start_epoch(run, train_pairs, epoch)
         t0 = time.perf_counter()
         sums = _train_epoch(run, epoch)

@@ -101,6 +101,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--spacing", type=float_option(0.01, 100.0, False, "a spacing in mm"), nargs=3, default=[4.0, 4.0, 4.0], help="model grid spacing (mm)")
     p.add_argument("--shape", type=int_option(16, 1024), nargs=3, default=[96, 80, 128], help="model grid shape (multiples of 16)")
     p.add_argument("--epochs", type=count, default=100)
+    p.add_argument("--stop-after", type=count, default=None, metavar="EPOCH",
+                   help="end after this epoch; the learning rate still decays over --epochs (a stage stopped early)")
     p.add_argument("--steps-per-epoch", type=count, default=None, help="pairs per epoch (default: all pairs)")
     p.add_argument("--lr", type=float_option(0.0, 1.0, False, "a learning rate"), default=1e-4)
     p.add_argument("--smooth-weight", type=weight, default=0.1)
@@ -179,7 +181,7 @@ def cmd_train(args) -> int:
     val_subjects = [prepare_subject(s, net.config) for s in val_subjects]
     train_pairs, val_pairs = training_pairs(args, net, train_subjects, val_subjects, list(preset.label_values))
     settings = TrainSettings(
-        epochs=args.epochs, steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr,
+        epochs=args.epochs, stop_after=args.stop_after, steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr,
         smooth_weight=args.smooth_weight, dice_weight=args.dice_weight, dice_sigmas=tuple(args.dice_sigmas),
         field_weight=args.field_weight, threads=args.threads, similarity=args.similarity, seed=args.seed,
         bf16=args.bf16, compile=args.compile, device=args.device, show_progress=not args.quiet,
