@@ -7,6 +7,7 @@ conftest (a 48 x 48 x 64 grid), so the default schedule's 12 + 30 steps take sec
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,8 +19,8 @@ from textscf.errors import CancelledError, InputError
 from textscf.phantom import make_example_pair
 from textscf.pipeline import STAGES, RegistrationOptions, register
 from textscf.schedule import (
-    CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS, FIELD_LEVELS, default_schedule, estimate_refine_seconds,
-    similarity_for, with_steps,
+    CHECKPOINT_FIELD_STEPS, CHECKPOINT_NETWORK_STEPS, FIELD_LEVELS, FRESH_FIELD_LEVELS, FRESH_FIELD_STEPS,
+    default_schedule, estimate_refine_seconds, similarity_for, smooth_weight_for, with_steps,
 )
 from textscf.spatial import image_to_array
 
@@ -69,10 +70,22 @@ def test_schedule_defaults_options_and_estimates():
         (96, 80, 128), CHECKPOINT_NETWORK_STEPS, CHECKPOINT_FIELD_STEPS, "cpu", FIELD_LEVELS))
     assert default_schedule("checkpoint", (96, 80, 128), "cuda").estimated_seconds < bundled.estimated_seconds
     assert "MIND-SSC" in bundled.describe() and "1/4, 1/2 of the 96x80x128 grid" in bundled.describe()
-    assert similarity_for("ct") == "mind+mse" and similarity_for("mri") == "mind" and similarity_for("ct", "ncc") == "ncc"
-    fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False, grid_spacing=(2, 2, 2))
+    assert similarity_for("ct") == "mind+mse" and similarity_for("mri") == "ncc" and similarity_for("ct", "ncc") == "ncc"
+    fresh = default_schedule("fresh", (80, 96, 112), "cpu", has_regions=False, grid_spacing=(2, 2, 2),
+                             similarity="ncc")
     assert fresh.steps > 0 and not fresh.regions and not fresh.network_start and not fresh.uses_network
     assert "no network" in fresh.describe()
+    # A fresh network's grid is already coarser than the image: its pyramid ends on that grid.
+    assert fresh.field_levels == FRESH_FIELD_LEVELS and FRESH_FIELD_LEVELS[-1] == 1
+    assert fresh.steps == FRESH_FIELD_STEPS * len(FRESH_FIELD_LEVELS)
+    assert fresh.estimated_seconds == pytest.approx(estimate_refine_seconds(
+        (80, 96, 112), 0, FRESH_FIELD_STEPS, "cpu", FRESH_FIELD_LEVELS))
+    assert "1/4, 1/2, 1 of the 80x96x112 grid, local NCC, smoothness λ 1.5" in fresh.describe()
+    # λ follows the similarity's scale unless the user sets it, and the user's steps keep it
+    assert (fresh.smooth_weight, bundled.smooth_weight) == (smooth_weight_for("ncc"), smooth_weight_for("mind"))
+    assert smooth_weight_for("ncc") > smooth_weight_for("mind+mse") == smooth_weight_for("mse")
+    assert default_schedule("fresh", (80, 96, 112), similarity="ncc", smooth_weight=0.2).smooth_weight == 0.2
+    assert with_steps(fresh, 3, 4).smooth_weight == fresh.smooth_weight
     # A network trained on an 8 mm grid: the field steps run on its grid subdivided to 4 mm (the same box), which
     # costs about the field steps of the bigger grid.
     coarse = default_schedule("checkpoint", (48, 48, 64), "cpu", similarity="mind+mse", grid_spacing=(8, 8, 8))
@@ -223,6 +236,13 @@ def test_an_mri_pair_without_a_model_gets_a_fresh_network(pair):
     assert "trained on CT and this pair is MRI" in schedule["reason"]
     assert (schedule["network_steps"], schedule["field_steps"], schedule["chosen_by"]) == (3, 2, "options")
     assert result.stats["checkpoint"] == "fresh" and result.stats["refine"]["iterations"] == 3
+    # MRI: local NCC at its λ, the pyramid ending on the fresh grid; the user's λ replaces the schedule's
+    assert (schedule["similarity"], schedule["smooth_weight"]) == ("ncc", smooth_weight_for("ncc"))
+    assert schedule["field_levels"] == list(FRESH_FIELD_LEVELS)
+    assert result.stats["refine"]["field_iterations"] == 2 * len(FRESH_FIELD_LEVELS)
+    mine = register(as_mri(pair["fixed"]), as_mri(pair["moving"]),
+                    replace(options, refine_smooth_weight=0.4))
+    assert mine.stats["schedule"]["smooth_weight"] == 0.4 and mine.stats["schedule"]["similarity"] == "ncc"
 
 
 # ------------------------------------------------------------------------------------------------ progress

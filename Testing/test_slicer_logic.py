@@ -1169,7 +1169,7 @@ def test_model_plan_switches_to_a_fresh_network_for_the_brain_preset(mod, logic,
     assert "the bundled model knows only its 13 training regions" in message.lower()
     assert "trained on CT, not MRI" in message and "fresh network" in message and "the CPU" in message
     # 14 x 12 x 10 voxels -> a 16 x 16 x 16 grid at half resolution
-    expected = schedule.estimate_refine_seconds((16, 16, 16), *steps, "cpu")
+    expected = schedule.estimate_refine_seconds((16, 16, 16), *steps, "cpu", schedule.FRESH_FIELD_LEVELS)
     assert plan["estimatedSeconds"] == pytest.approx(expected) and "about 1 s" in message
 
 

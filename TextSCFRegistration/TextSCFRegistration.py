@@ -705,7 +705,8 @@ class TextSCFRegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixi
             "device": p.device or "auto",
             "integrate": p.integration.option(),
             "refine_learning_rate": float(p.refineLearningRate),
-            "refine_smooth_weight": float(p.refineSmoothWeight),
+            # automatic: the schedule's λ for its similarity (textscf.schedule.smooth_weight_for)
+            "refine_smooth_weight": None if p.automaticSchedule else float(p.refineSmoothWeight),
             "refine_use_moving_labels": bool(p.guideWithMovingLabels),
             "seed": int(p.seed),
             "template": p.promptTemplate.strip() or None,

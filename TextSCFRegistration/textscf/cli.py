@@ -125,13 +125,15 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
                    help="learning rate of the network steps, in (0, 1] (default 1e-3)")
     g.add_argument("--refine-field", type=refine_iterations_option, default=None, metavar="M",
                    help="after the network steps, at most M steps on the displacement field itself at each level of "
-                   "the pyramid (1/4, then 1/2 of the model grid) (default: the schedule's, 100; 0 with --refine 0)")
-    g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=0.1,
-                   help="refinement smoothness weight λ of ‖∇u‖² (default 0.1)")
+                   "the pyramid (1/4, then 1/2 of the model grid; a fresh network's also the model grid itself) (default: the "
+                   "schedule's, 100; 0 with --refine 0)")
+    g.add_argument("--refine-smooth", type=float_option(0.0, 1e4, what="a smoothness weight"), default=None,
+                   help="refinement smoothness weight λ of ‖∇u‖² (default: the schedule's for its similarity: 0.1, "
+                   "1.5 with local NCC)")
     g.add_argument("--similarity", choices=["auto", "mind", "mind+mse", "mse", "ncc"], default="auto",
                    help="refinement image term: mind = MIND-SSC self-similarity descriptors (any modality), mse = "
                    "intensity difference (same scanner), mind+mse = both, ncc = local normalised cross-correlation; "
-                   "auto = mind+mse for CT, mind for MRI")
+                   "auto = mind+mse for CT, ncc for MRI")
     g.add_argument("--segmentor-weights", type=path_option, help="SwinUNETR weights (state dict or MONAI bundle folder), used when "
                    "no --fixed-labels is given; without either the pair is registered without regions (the shared "
                    "filter alone: plain LKU-Net)")

@@ -87,9 +87,10 @@ class RegistrationOptions:
             module run), which may also pick a fresh network when ``checkpoint`` is None and the bundled model was
             trained on another modality.
         refine_learning_rate: Adam learning rate of the network steps.
-        refine_smooth_weight: λ of the diffusion regulariser ‖∇u‖², network and field steps.
+        refine_smooth_weight: λ of the diffusion regulariser ‖∇u‖², network and field steps; None = the schedule's
+            for its similarity (:func:`textscf.schedule.smooth_weight_for`: 0.1, 1.5 with local NCC).
         refine_similarity: the refinement's image term: "auto" (:func:`textscf.schedule.similarity_for`: MIND-SSC
-            descriptors), "mind", "mse" or "ncc" (local NCC).
+            descriptors + intensity MSE for CT, local NCC for MRI), "mind", "mind+mse", "mse" or "ncc" (local NCC).
         refine_field_iterations: steps on the displacement field itself at each level of the schedule's pyramid
             (1/4 then 1/2 of the model grid), after the network steps; None = the schedule's.
         refine_use_moving_labels: put the moving label map into the refinement loss (its Dice term, weight
@@ -116,7 +117,7 @@ class RegistrationOptions:
     integrate: bool | None = None
     refine_iterations: int | None = 0
     refine_learning_rate: float = 1e-3
-    refine_smooth_weight: float = 0.1
+    refine_smooth_weight: float | None = None
     refine_similarity: str = "auto"
     refine_field_iterations: int | None = 0
     refine_use_moving_labels: bool = False
@@ -514,7 +515,8 @@ def load_network(fixed: sitk.Image, options: RegistrationOptions, device: torch.
     schedule = with_steps(default_schedule(source if source == "fresh" else "checkpoint", net.config.input_shape,
                                            device, has_regions, reason,
                                            similarity_for(net.config.modality, options.refine_similarity),
-                                           grid_spacing=net.config.spacing),
+                                           grid_spacing=net.config.spacing,
+                                           smooth_weight=options.refine_smooth_weight),
                           options.refine_iterations, options.refine_field_iterations)
     return net, source, prompts, schedule
 
@@ -704,7 +706,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
 
     settings = RefineSettings(
         iterations=schedule.network_steps, learning_rate=options.refine_learning_rate,
-        smooth_weight=options.refine_smooth_weight, dice_weight=options.refine_label_weight,
+        smooth_weight=schedule.smooth_weight, dice_weight=options.refine_label_weight,
         similarity=schedule.similarity, seed=options.seed, network_start=schedule.network_start,
         field_iterations=schedule.field_steps, field_levels=schedule.field_levels,
     )

@@ -19,19 +19,30 @@ from dataclasses import asdict, dataclass
 # MIND-SSC descriptors as the similarity.
 CHECKPOINT_NETWORK_STEPS = 0
 CHECKPOINT_FIELD_STEPS = 100
-# A fresh network (a modality the bundled model does not cover): the same field pyramid, no network steps.
+# A fresh network (a modality the bundled model does not cover): a field pyramid, no network steps.
 FRESH_NETWORK_STEPS = 0
 FRESH_FIELD_STEPS = 100
 # The pyramid: the field's grid at each level, as the factor by which it is coarser than the model grid.
 FIELD_LEVELS = (4, 2)
+# A fresh network's grid is already 2x (or more) coarser than the fixed image, so its pyramid ends on that grid: on the
+# real brain pair (30 small structures), local NCC at λ 1 with levels 1/4, 1/2 gave 71.6 % Dice, with 1/4, 1/2, 1
+# 76.7 % (ANTs SyN 72.4 %); the last level costs about 4x the two coarser ones together.
+FRESH_FIELD_LEVELS = (4, 2, 1)
 # The field grid: a network trained on a coarse grid (8 mm) is refined on its grid subdivided to about this spacing
 # (the same box, :meth:`textscf.spatial.ModelGrid.subdivided`), the spacing at which the pyramid was tuned (README).
 REFINE_SPACING_MM = 4.0
 # The similarity by modality ("auto"). CT: MIND-SSC self-similarity descriptors plus the intensity MSE (HU mean the
 # same tissue in both scans); measured on 4 abdomen pairs and the real CT with a known field, MIND alone 44.4 % Dice
 # and 2.18 mm endpoint error, MSE alone 45.9 % and 3.9 mm, both 46.3 % and 2.16 mm. MRI: MIND alone (intensities
-# are not comparable between MRI scans).
-DEFAULT_SIMILARITY = {"ct": "mind+mse", "mri": "mind"}
+# are not comparable between MRI scans): local NCC, which normalises the intensities in every 9-voxel window; on the
+# real brain pair (fresh network, levels 1/4, 1/2, 1) MIND-SSC alone 69.6 % Dice, local NCC 76.7 % (both at their λ).
+DEFAULT_SIMILARITY = {"ct": "mind+mse", "mri": "ncc"}
+# λ of the ‖∇u‖² term by similarity: the terms differ in scale (an MSE of descriptors or of [0, 1] intensities is
+# about 0.01-0.05; local NCC about -0.7), so one λ does not fit all. Local NCC on the brain pair: λ 0.1, 0.3, 1, 1.5,
+# 2 gave 77.2, 77.4, 76.7, 76.0, 75.4 % Dice with 2.26, 1.32, 0.58, 0.38, 0.27 % |J|<=0: 1.5 is the smallest λ that
+# keeps folding under 0.5 %.
+SMOOTH_WEIGHT = {"ncc": 1.5}
+DEFAULT_SMOOTH_WEIGHT = 0.1
 # A fresh network sees the fixed image at half resolution or coarser, so that its grid stays under this many voxels
 # (the brain benchmark's 80 x 96 x 112 grid is 0.86 M voxels: 150 + 50 steps in 258 s on a 2-core CPU).
 FRESH_GRID_FACTOR = 2.0
@@ -69,6 +80,8 @@ class Schedule:
         network_start: the field steps start from the network's field (its forward pass after any network steps);
             False: from zero, without running the network.
         field_subdivision: the field steps run on the model grid subdivided this many times per axis (same box).
+        smooth_weight: λ of the ‖∇u‖² term of the refinement (:func:`smooth_weight_for` the similarity, or the
+            user's).
     """
 
     network: str
@@ -84,6 +97,7 @@ class Schedule:
     similarity: str = ""
     network_start: bool = False
     field_subdivision: int = 1
+    smooth_weight: float = DEFAULT_SMOOTH_WEIGHT
 
     @property
     def steps(self) -> int:
@@ -108,7 +122,8 @@ class Schedule:
         grid = "x".join(str(n) for n in self.grid_shape)
         field_grid = "x".join(str(n) for n in self.field_grid_shape)
         similarity = f", {SIMILARITY_NAMES.get(self.similarity, self.similarity)}" if self.similarity else ""
-        levels = ", ".join(f"1/{v}" for v in self.field_levels)
+        similarity += f", smoothness λ {self.smooth_weight:g}"
+        levels = ", ".join(f"1/{v}" if v > 1 else "1" for v in self.field_levels)
         field = (f"{self.field_steps} field steps at each of {levels} of the {field_grid} grid{similarity}"
                  if self.field_steps else "")
         if self.steps and self.network_steps:
@@ -201,8 +216,15 @@ def similarity_for(modality: str, choice: str = "auto") -> str:
     return DEFAULT_SIMILARITY.get(modality, "mind")
 
 
+def smooth_weight_for(similarity: str, choice: float | None = None) -> float:
+    """λ of the refinement's ‖∇u‖² term: ``choice``, or for None the default for ``similarity`` (its scale)."""
+    if choice is not None:
+        return float(choice)
+    return SMOOTH_WEIGHT.get(similarity, DEFAULT_SMOOTH_WEIGHT)
+
+
 def default_schedule(network: str, grid_shape, device="cpu", has_regions: bool = True, reason: str = "",
-                     similarity: str = "", grid_spacing=None) -> Schedule:
+                     similarity: str = "", grid_spacing=None, smooth_weight: float | None = None) -> Schedule:
     """The schedule that gives the best result the model in use can give.
 
     Args:
@@ -214,6 +236,7 @@ def default_schedule(network: str, grid_shape, device="cpu", has_regions: bool =
         similarity: the image term the refinement uses (recorded and printed; see :func:`similarity_for`).
         grid_spacing: the model grid's spacing (mm): a trained network's coarse grid is subdivided for the field
             steps (:func:`field_subdivision_for`); None keeps the model grid.
+        smooth_weight: the user's λ; None = :func:`smooth_weight_for` the similarity.
     """
     if network not in ("checkpoint", "fresh"):
         raise ValueError(f"network must be 'checkpoint' or 'fresh', not {network!r}")
@@ -224,9 +247,11 @@ def default_schedule(network: str, grid_shape, device="cpu", has_regions: bool =
                           else (FRESH_NETWORK_STEPS, FRESH_FIELD_STEPS))
     # a trained network's field starts the field steps; a fresh network's would be about zero
     subdivision = field_subdivision_for(grid_spacing) if trained else 1
+    levels = FIELD_LEVELS if trained else FRESH_FIELD_LEVELS
     return Schedule(network, bool(has_regions), steps, field_steps, grid, device,
-                    estimate_refine_seconds(grid, steps, field_steps, device, FIELD_LEVELS, subdivision), "defaults",
-                    reason, FIELD_LEVELS, similarity, network_start=trained, field_subdivision=subdivision)
+                    estimate_refine_seconds(grid, steps, field_steps, device, levels, subdivision), "defaults",
+                    reason, levels, similarity, network_start=trained, field_subdivision=subdivision,
+                    smooth_weight=smooth_weight_for(similarity, smooth_weight))
 
 
 def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int | None) -> Schedule:
@@ -245,7 +270,8 @@ def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int |
                     estimate_refine_seconds(schedule.grid_shape, steps, fields, schedule.device,
                                             schedule.field_levels, schedule.field_subdivision), "options",
                     schedule.reason, schedule.field_levels, schedule.similarity,
-                    network_start=schedule.network_start, field_subdivision=schedule.field_subdivision)
+                    network_start=schedule.network_start, field_subdivision=schedule.field_subdivision,
+                    smooth_weight=schedule.smooth_weight)
 
 
 def takes_seconds_left(callback) -> bool:
