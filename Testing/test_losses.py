@@ -101,6 +101,33 @@ def test_local_ncc():
         local_ncc_loss(a, a, window=4)
 
 
+@pytest.mark.parametrize("shape,window", [((1, 1, 12, 17, 20), 9), ((2, 1, 9, 6, 11), 5), ((1, 2, 7, 8, 9), 3)])
+def test_local_ncc_is_monai_local_ncc_with_the_fixed_statistics_kept(shape, window):
+    """The running-sum windows give MONAI's rectangular-kernel local NCC (value and gradient), windows larger than the
+    volume included; one LocalNCC serves many warped images."""
+    from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+    from textscf.losses import LocalNCC, window_sums
+
+    g = torch.Generator().manual_seed(0)
+    fixed = torch.rand(shape, generator=g)
+    monai_ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window, kernel_type="rectangular")
+    ours = LocalNCC(fixed, window)
+    for _ in range(2):
+        warped = (fixed + 0.3 * torch.rand(shape, generator=g)).requires_grad_()
+        expected = monai_ncc(warped, fixed)
+        (expected_grad,) = torch.autograd.grad(expected, warped)
+        value = ours(warped)
+        (grad,) = torch.autograd.grad(value, warped)
+        assert value.item() == pytest.approx(expected.item(), rel=1e-5)
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-4, atol=1e-4 * float(expected_grad.abs().max()))
+    box = torch.ones(1, 1, window, window, window)
+    torch.testing.assert_close(window_sums(fixed[:, :1], window),
+                               torch.nn.functional.conv3d(fixed[:, :1], box, padding=window // 2), rtol=1e-5, atol=1e-5)
+    with pytest.raises(InputError, match="same shape"):
+        ours(torch.rand(1, 1, 4, 4, 4))
+
+
 @pytest.mark.parametrize("similarity", ["mse", "ncc", "mind"])
 def test_registration_loss_components_and_backward(similarity):
     g = torch.Generator().manual_seed(1)

@@ -9,7 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from monai.losses import DiceLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiceLoss
 from monai.networks.layers import GaussianFilter
 from monai.networks.utils import one_hot
 from torch import nn
@@ -154,21 +154,68 @@ def _check_window(window: int) -> int:
     return window
 
 
+def window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum of ``x`` over the ``window``-voxel cube around every voxel, zero outside the volume (MONAI's rectangular
+    kernel with zero padding): running sums along each spatial axis, so the cost does not grow with the window.
+
+    Args:
+        x: ``(B, C, I, J, K)``.
+        window: odd window side.
+    """
+    r = window // 2
+    for axis in (2, 3, 4):
+        n = x.shape[axis]
+        running = F.pad(torch.cumsum(x, axis), [0, 0] * (4 - axis) + [1, 0])  # running[i] = sum of x[:i]
+        at = torch.arange(n, device=x.device)
+        x = running.index_select(axis, (at + r + 1).clamp(max=n)) - running.index_select(axis, (at - r).clamp(min=0))
+    return x
+
+
+class LocalNCC:
+    """Negative local normalised cross-correlation against one fixed image, its window statistics computed once.
+
+    The value of MONAI's ``LocalNormalizedCrossCorrelationLoss`` (rectangular window, zero padding, mean reduction):
+    like VoxelMorph's NCC it averages the *squared* local correlation, so anti-correlated windows also score -1;
+    windows where either image is flat score 0. A scalar in ``[-1, 0]``, ``-1`` for identical images. Every call
+    filters only the warped image's three moments (the fixed image's two are kept), with :func:`window_sums`.
+
+    Args:
+        fixed: ``(B, C, I, J, K)`` image.
+        window: side of the cubic window (odd).
+    """
+
+    def __init__(self, fixed: torch.Tensor, window: int = 9) -> None:
+        _check_5d(fixed, "fixed")
+        self.window = _check_window(window)
+        self.fixed = fixed
+        sums = window_sums(torch.cat([fixed, fixed * fixed], 1), self.window)
+        channels = fixed.shape[1]
+        self.fixed_sum = sums[:, :channels]
+        self.fixed_var = torch.clamp(sums[:, channels:] - self.fixed_sum * self.fixed_sum / self.window ** 3, min=0)
+
+    def __call__(self, warped: torch.Tensor) -> torch.Tensor:
+        _check_pair(warped, self.fixed, ("warped", "fixed"))
+        c = warped.shape[1]
+        sums = window_sums(torch.cat([warped, warped * warped, warped * self.fixed], 1), self.window)
+        warped_sum, warped_sq, cross_sum = sums[:, :c], sums[:, c:2 * c], sums[:, 2 * c:]
+        warped_mean = warped_sum / self.window ** 3
+        cross = cross_sum - warped_mean * self.fixed_sum
+        warped_var = torch.clamp(warped_sq - warped_mean * warped_sum, min=0)
+        return -(cross * cross / (self.fixed_var * warped_var + NCC_SMOOTH)).mean()
+
+
+NCC_SMOOTH = 1e-5  # MONAI's smooth_dr: a flat window scores 0
+
+
 def local_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9) -> torch.Tensor:
-    """Negative local normalised cross-correlation; a scalar in ``[-1, 0]``, ``-1`` for identical images.
+    """Negative local normalised cross-correlation of two images (:class:`LocalNCC`); a scalar in ``[-1, 0]``.
 
     Args:
         warped, fixed: ``(B, C, I, J, K)`` images.
         window: side of the cubic window (odd).
-
-    MONAI's ``LocalNormalizedCrossCorrelationLoss`` (rectangular window): like VoxelMorph's NCC it averages the
-    *squared* local correlation, so anti-correlated windows also score -1; windows where either image is flat
-    score 0.
     """
     _check_pair(warped, fixed, ("warped", "fixed"))
-    loss = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=_check_window(window),
-                                               kernel_type="rectangular")
-    return loss(warped, fixed)
+    return LocalNCC(fixed, window)(warped)
 
 
 def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:
@@ -213,8 +260,6 @@ class RegistrationLoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.smooth_weight = float(smooth_weight)
         self.ncc_window = _check_window(ncc_window)
-        self._ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=self.ncc_window,
-                                                        kernel_type="rectangular")
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor,
                 warped_labels_onehot: torch.Tensor | None = None,
@@ -237,8 +282,7 @@ class RegistrationLoss(nn.Module):
         elif self.similarity == "mind":
             sim = mind_loss(warped, fixed)
         else:
-            _check_pair(warped, fixed, ("warped", "fixed"))
-            sim = self._ncc(warped, fixed)
+            sim = local_ncc_loss(warped, fixed, self.ncc_window)
         smooth = self.smooth_weight * gradient_loss(field)
         total = sim + smooth
         components = {"similarity": float(sim.detach()), "smooth": float(smooth.detach())}

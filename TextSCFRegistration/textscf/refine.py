@@ -485,9 +485,8 @@ def _field_level(start: torch.Tensor, fm: torch.Tensor, ff: torch.Tensor, factor
         mo, mo_f = _pool(pair.moving_onehot, factor), _pool(pair.fixed_onehot, factor)
     ncc = None
     if pair.field_similarity == "ncc":
-        from monai.losses import LocalNormalizedCrossCorrelationLoss
-        ncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=settings.ncc_window,
-                                                  kernel_type="rectangular")
+        from textscf.losses import LocalNCC
+        ncc = LocalNCC(ff, settings.ncc_window)  # the fixed image's window statistics, once per level
     voxels = math.prod(shape)
     samples = int(round(settings.field_sample_fraction * voxels))
     if settings.field_samples > 0:
@@ -503,7 +502,7 @@ def _field_level(start: torch.Tensor, fm: torch.Tensor, ff: torch.Tensor, factor
             at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
             sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
         elif ncc is not None:
-            sim = ncc(warp(fm, v), ff)
+            sim = ncc(warp(fm, v))
         else:
             sim = (warp(fm, v) - ff).pow(2).mean()
         total = sim + field_smooth * _weighted_gradient_loss(v, weights)
