@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from textscf.errors import InputError
 from textscf.metrics import (
@@ -251,6 +251,26 @@ def test_hd95_crop_does_not_change_the_value():
                                           include_background=True, percentile=95, spacing=list(spacing))
         assert hd[label] == pytest.approx(float(full.item()), rel=1e-6)
         assert hd[label] > 0
+    # the boxes come from one pass over each map, for any integer or float label map and any label value: the
+    # cropped Dice and HD95 equal MONAI's on the whole volume (labels in one map only, absent, 0 and negative too)
+    pred[blob((20, 20, 20), (4, 4, 4))] = -3
+    target[blob((30, 5, 5), (3, 3, 3))] = 7  # only in the target
+    labels = [1, 2, 7, 9, 0, -3]
+    for p, t in ((pred, target), (pred.astype(np.float32), target.astype(np.int64)), (pred.T, target.T)):
+        dice, hd = dice_per_label(p, t, labels), hd95_per_label(p, t, labels, spacing[::-1] if p is pred.T else spacing)
+        for label in labels:
+            a, b = torch.from_numpy(np.ascontiguousarray(p == label)), torch.from_numpy(np.ascontiguousarray(t == label))
+            if not (a.any() or b.any()):
+                assert math.isnan(dice[label]) and math.isnan(hd[label])
+                continue
+            full_dice = compute_dice(a[None, None], b[None, None], include_background=True, ignore_empty=False)
+            assert dice[label] == pytest.approx(float(full_dice.item()), abs=1e-7), label
+            if not (a.any() and b.any()):
+                assert math.isnan(hd[label])
+                continue
+            full = compute_hausdorff_distance(a[None, None], b[None, None], include_background=True, percentile=95,
+                                              spacing=list(spacing[::-1] if p is pred.T else spacing))
+            assert hd[label] == pytest.approx(float(full.item()), rel=1e-6), label
 
 
 def test_label_metric_input_errors():

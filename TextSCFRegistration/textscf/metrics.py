@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy import ndimage
 from monai.metrics import compute_dice, compute_hausdorff_distance
 
 from textscf.errors import InputError
@@ -247,15 +248,39 @@ def _label_list(labels: Iterable[Any]) -> list[int]:
     return out
 
 
-def _joint_bbox(a: np.ndarray, b: np.ndarray, margin: int) -> tuple[slice, ...]:
-    """Slices of the bounding box of ``a | b`` grown by ``margin`` voxels (clipped to the volume)."""
-    union = a | b
-    box = []
-    for axis in range(union.ndim):
-        other = tuple(ax for ax in range(union.ndim) if ax != axis)
-        idx = np.flatnonzero(union.any(axis=other))
-        box.append(slice(max(int(idx[0]) - margin, 0), min(int(idx[-1]) + 1 + margin, union.shape[axis])))
-    return tuple(box)
+def _label_boxes(labels_map: np.ndarray, values: list[int]) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box of each label value in ``labels_map`` (None where absent), in one pass over the volume
+    (``scipy.ndimage.find_objects``; values <= 0 by their own mask)."""
+    positive = [v for v in values if v > 0]
+    boxes: dict[int, tuple[slice, ...] | None] = {}
+    if positive:
+        integer = labels_map if labels_map.dtype.kind in "iu" else labels_map.astype(np.int64)
+        found = ndimage.find_objects(integer, max_label=max(positive))
+        boxes = {v: found[v - 1] for v in positive}
+    for v in values:
+        if v <= 0:
+            mask = labels_map == v
+            boxes[v] = None if not mask.any() else tuple(
+                slice(int(idx[0]), int(idx[-1]) + 1)
+                for idx in (np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+                            for axis in range(mask.ndim)))
+    return boxes
+
+
+def _label_crops(pred: np.ndarray, target: np.ndarray, labels: list[int], margin: int):
+    """For each label: ``(label, pred == label, target == label)`` cropped to the label's joint bounding box in both
+    maps grown by ``margin`` voxels (clipped to the volume); the masks are None when the label is in neither map.
+    Only the boxes are compared, so the cost follows the labels' size, not the volume's."""
+    in_pred, in_target = _label_boxes(pred, labels), _label_boxes(target, labels)
+    for label in labels:
+        boxes = [b for b in (in_pred[label], in_target[label]) if b is not None]
+        if not boxes:
+            yield label, None, None
+            continue
+        box = tuple(slice(max(min(b[axis].start for b in boxes) - margin, 0),
+                          min(max(b[axis].stop for b in boxes) + margin, pred.shape[axis]))
+                    for axis in range(pred.ndim))
+        yield label, pred[box] == label, target[box] == label
 
 
 def _channel(x: np.ndarray) -> torch.Tensor:
@@ -263,65 +288,60 @@ def _channel(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))[None, None]
 
 
-def dice_per_label(pred: Any, target: Any, labels: Iterable[Any]) -> dict[int, float]:
-    """Dice overlap per label.
+def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any],
+                      spacing: Sequence[float] | None = None) -> tuple[dict[int, float], dict[int, float] | None]:
+    """Dice per label and, given ``spacing``, the 95th-percentile symmetric Hausdorff distance per label (mm).
 
     Args:
         pred, target: ``(I, J, K)`` integer label maps on the same grid (e.g. warped moving labels, fixed labels).
         labels: label values to evaluate.
+        spacing: ``(s_i, s_j, s_k)`` mm per voxel along the array axes (anisotropy honoured); None: no HD95.
 
     Returns:
-        ``{label: dice}``; NaN when the label is absent from both maps, 0 when it is in only one.
+        ``({label: dice}, {label: hd95_mm} or None)``. Dice is NaN when the label is absent from both maps, 0 when it
+        is in only one; HD95 is NaN when the label is missing from either map.
 
-    One label at a time, cropped to the joint bounding box (Dice does not see background outside it), so memory
-    stays a few boolean volumes even for 192x160x256 with many labels.
+    One label at a time, cropped to its joint bounding box (all labels' boxes found in one pass over each map) plus
+    :data:`HD95_CROP_MARGIN` voxels, before MONAI's ``compute_dice`` and ``compute_hausdorff_distance(percentile=95)``:
+    Dice does not see the background outside the box, the surfaces and their distances lie inside it, and the margin
+    keeps background around objects that do not touch the volume edge, so the values are those of the whole volume,
+    while time and memory follow the labels' size (192x160x256 with many labels included).
     """
     p, t = _label_pair(pred, target)
-    out: dict[int, float] = {}
-    for label in _label_list(labels):
-        a, b = p == label, t == label
-        if not (a.any() or b.any()):
-            out[label] = math.nan
-            continue
-        box = _joint_bbox(a, b, margin=0)
-        score = compute_dice(_channel(a[box]), _channel(b[box]), include_background=True, ignore_empty=False)
-        out[label] = float(score.item())
-    return out
+    s = None if spacing is None else [float(v) for v in _as_spacing(spacing)]
+    dice: dict[int, float] = {}
+    hd: dict[int, float] | None = None if s is None else {}
+    for label, a, b in _label_crops(p, t, _label_list(labels), margin=HD95_CROP_MARGIN if s else 0):
+        if a is None:
+            dice[label] = math.nan
+        else:
+            dice[label] = float(compute_dice(_channel(a), _channel(b), include_background=True,
+                                             ignore_empty=False).item())
+        if hd is not None:
+            hd[label] = _hd95(a, b, s) if a is not None and a.any() and b.any() else math.nan
+    return dice, hd
+
+
+def _hd95(a: np.ndarray, b: np.ndarray, spacing: list[float]) -> float:
+    with warnings.catch_warnings():
+        # MONAI-internal noise: a deprecated argument MONAI passes itself, and empty-mask warnings (both masks are
+        # non-empty here)
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
+        warnings.filterwarnings("ignore", message=".*is all 0.*")
+        hd = compute_hausdorff_distance(_channel(a), _channel(b), include_background=True, percentile=95,
+                                        spacing=spacing)
+    return float(hd.item())
+
+
+def dice_per_label(pred: Any, target: Any, labels: Iterable[Any]) -> dict[int, float]:
+    """Dice overlap per label (:func:`overlap_per_label`): ``{label: dice}``."""
+    return overlap_per_label(pred, target, labels)[0]
 
 
 def hd95_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Sequence[float]) -> dict[int, float]:
-    """95th-percentile symmetric Hausdorff distance per label, in mm.
-
-    Args:
-        pred, target: ``(I, J, K)`` integer label maps on the same grid.
-        labels: label values to evaluate.
-        spacing: ``(s_i, s_j, s_k)`` mm per voxel along the array axes (anisotropy honoured).
-
-    Returns:
-        ``{label: hd95_mm}``; NaN when the label is missing from either map.
-
-    Each label pair is cropped to its joint bounding box plus :data:`HD95_CROP_MARGIN` voxels before MONAI's
-    ``compute_hausdorff_distance(percentile=95)``: the surfaces and their distances lie inside the box, and the
-    margin keeps background around objects that do not touch the volume edge, so the value is unchanged.
-    """
-    p, t = _label_pair(pred, target)
-    s = [float(v) for v in _as_spacing(spacing)]
-    out: dict[int, float] = {}
-    for label in _label_list(labels):
-        a, b = p == label, t == label
-        if not (a.any() and b.any()):
-            out[label] = math.nan
-            continue
-        box = _joint_bbox(a, b, margin=HD95_CROP_MARGIN)
-        with warnings.catch_warnings():
-            # MONAI-internal noise: a deprecated argument MONAI passes itself, and empty-mask warnings (both masks
-            # are non-empty here)
-            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*")
-            warnings.filterwarnings("ignore", message=".*is all 0.*")
-            hd = compute_hausdorff_distance(_channel(a[box]), _channel(b[box]), include_background=True,
-                                            percentile=95, spacing=s)
-        out[label] = float(hd.item())
-    return out
+    """95th-percentile symmetric Hausdorff distance per label in mm (:func:`overlap_per_label`):
+    ``{label: hd95_mm}``."""
+    return overlap_per_label(pred, target, labels, spacing)[1]
 
 
 def mean_ignoring_nan(values: Mapping[Any, float]) -> float:
