@@ -154,6 +154,9 @@ def _check_window(window: int) -> int:
     return window
 
 
+NCC_SMOOTH = 1e-5  # MONAI's smooth_dr: a flat window scores 0
+
+
 def window_sums(x: torch.Tensor, window: int) -> torch.Tensor:
     """Sum of ``x`` over the ``window``-voxel cube around every voxel, zero outside the volume (MONAI's rectangular
     kernel with zero padding): running sums along each spatial axis, so the cost does not grow with the window.
@@ -204,9 +207,6 @@ class LocalNCC:
         return -(cross * cross / (self.fixed_var * warped_var + NCC_SMOOTH)).mean()
 
 
-NCC_SMOOTH = 1e-5  # MONAI's smooth_dr: a flat window scores 0
-
-
 def local_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9) -> torch.Tensor:
     """Negative local normalised cross-correlation of two images (:class:`LocalNCC`); a scalar in ``[-1, 0]``.
 
@@ -214,8 +214,7 @@ def local_ncc_loss(warped: torch.Tensor, fixed: torch.Tensor, window: int = 9) -
         warped, fixed: ``(B, C, I, J, K)`` images.
         window: side of the cubic window (odd).
     """
-    _check_pair(warped, fixed, ("warped", "fixed"))
-    return LocalNCC(fixed, window)(warped)
+    return LocalNCC(fixed, window)(warped)  # checks both images
 
 
 def mind_loss(warped: torch.Tensor, fixed: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.Tensor:

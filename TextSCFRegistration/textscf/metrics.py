@@ -311,7 +311,7 @@ def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any],
     s = None if spacing is None else [float(v) for v in _as_spacing(spacing)]
     dice: dict[int, float] = {}
     hd: dict[int, float] | None = None if s is None else {}
-    for label, a, b in _label_crops(p, t, _label_list(labels), margin=HD95_CROP_MARGIN if s else 0):
+    for label, a, b in _label_crops(p, t, _label_list(labels), margin=0 if s is None else HD95_CROP_MARGIN):
         if a is None:
             dice[label] = math.nan
         else:

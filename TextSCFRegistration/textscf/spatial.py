@@ -315,8 +315,6 @@ def fit_box_centre(image: sitk.Image, centre, direction, half_extent) -> np.ndar
     return d @ c
 
 
-
-
 # ----------------------------------------------------------------------------------------------- resampling
 def resample_to_grid(image: sitk.Image, grid: GridLike, transform: sitk.Transform | None = None,
                      interpolator: str = "linear", default_value: float = 0.0) -> sitk.Image:
