@@ -291,3 +291,12 @@ def test_moving_labels_enter_the_loss_only_with_guide_with_labels(command):
         label_guidance(parser.parse_args(base + ["--label-loss-weight", "0.3"]))
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--guide-with-labels", "--label-loss-weight", "0"])
+
+
+def test_no_debias_runs_the_network_once():
+    from textscf.cli import _options_from_args
+
+    base = ["register", "f.nii.gz", "m.nii.gz", "-o", "out"]
+    parser = build_parser()
+    assert _options_from_args(parser.parse_args(base)).debias is True
+    assert _options_from_args(parser.parse_args(base + ["--no-debias"])).debias is False

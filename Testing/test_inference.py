@@ -140,7 +140,8 @@ def test_fold_network_keeps_the_config_and_text_matrix():
     assert not any(p.requires_grad for p in folded.parameters())
 
 
-def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_checkpoint, monkeypatch):
+@pytest.mark.parametrize("debias", [True, False])
+def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_checkpoint, monkeypatch, debias):
     from textscf import pipeline
     from textscf.checkpoint import load_checkpoint
     from textscf.phantom import make_example_pair
@@ -170,12 +171,20 @@ def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_check
 
     pair = make_example_pair(seed=0, shape=(48, 40, 64), spacing=(8.0, 8.0, 8.0))
     options = pipeline.RegistrationOptions(checkpoint=str(tiny_abdomen_checkpoint), init="none",
-                                           refine_iterations=0)
+                                           refine_iterations=0, debias=debias)
     result = pipeline.register(pair["fixed"], pair["moving"], options, fixed_labels=pair["fixed_labels"])
 
-    assert len(built) == 1 and len(calls) == 1
+    # One folded copy serves the pair and, with debias, the null pair (the fixed image as moving too).
+    assert len(built) == 1 and len(calls) == (2 if debias else 1)
     assert not any(isinstance(m, LargeKernelBlock) for m in built[0].modules())
     assert trained_forwards == []  # the unfolded training forward never ran
+    if debias:
+        (null_moving, null_fixed, null_regions, _), _ = calls[1]
+        assert torch.equal(null_moving, null_fixed) and torch.equal(null_fixed, calls[0][0][1])
+        assert torch.equal(null_regions, calls[0][0][2])
+        assert "null_pair_response_max_voxels" in result.stats
+    else:
+        assert "null_pair_response_max_voxels" not in result.stats
     # What register ran equals the checkpoint's training-time forward on the same inputs.
     (moving, fixed, regions, confidence), (displacement, _) = calls[0]
     net, _ = load_checkpoint(tiny_abdomen_checkpoint)
@@ -210,3 +219,39 @@ def test_benchmark_compares_the_inference_path_with_the_eager_forward(tmp_path, 
         assert all(t > 0 for t in row["median_seconds"].values())
         assert row["max_abs_displacement"] > 0.1  # a real field, so the differences below mean something
         assert row["max_diff_displacement"] <= TOLERANCE and row["max_diff_warped"] <= TOLERANCE
+
+
+@pytest.mark.parametrize("spacing", [8.0, 4.0])
+def test_the_same_image_as_fixed_and_moving_gets_a_zero_field(spacing):
+    """The bundled network answers an image paired with itself with a field of about a millimetre and a half; the
+    null-pair correction (the default) takes it to zero."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    from textscf import pipeline
+    from textscf.phantom import make_example_pair
+
+    shape = tuple(int(s * 8 / spacing) for s in (48, 40, 64))
+    pair = make_example_pair(seed=0, shape=shape, spacing=(spacing,) * 3)
+
+    def largest_mm(**debias):
+        options = pipeline.RegistrationOptions(init="none", refine_iterations=0, refine_field_iterations=0, **debias)
+        with pytest.warns(UserWarning, match="identical"):
+            result = pipeline.register(pair["fixed"], pair["fixed"], options, fixed_labels=pair["fixed_labels"])
+        field = sitk.GetArrayFromImage(result.displacement)
+        return float(np.sqrt((field ** 2).sum(-1)).max()), result.stats
+
+    one_pass, _ = largest_mm(debias=False)
+    debiased, stats = largest_mm()  # the default
+    assert one_pass > 1.0  # mm: the network's bias is real
+    assert stats["null_pair_response_max_voxels"] > 0.1
+    assert debiased < 0.01, (one_pass, debiased)
+
+
+def test_removing_a_zero_null_response_keeps_the_field():
+    import numpy as np
+
+    from textscf.pipeline import remove_null_response
+
+    forward = np.random.default_rng(0).normal(size=(3, 8, 8, 8)).astype(np.float32)
+    np.testing.assert_allclose(remove_null_response(forward, np.zeros_like(forward)), forward, atol=1e-5)

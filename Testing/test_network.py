@@ -5,7 +5,7 @@ import torch
 
 from textscf.networks import LKUNet, TextSCFConfig, TextSCFHead, TextSCFNet
 from textscf.networks.heads import ReferenceSCFHead
-from textscf.warp import ScalingAndSquaring, SpatialTransformer, compose, resize_field, warp
+from textscf.warp import ScalingAndSquaring, SpatialTransformer, compose, invert, resize_field, warp
 
 
 def _randomise(module: torch.nn.Module, seed: int = 0, scale: float = 0.1):
@@ -149,6 +149,19 @@ def test_scaling_and_squaring_inverse_and_small_field_limit():
     # For a tiny velocity, exp(v) ~ v.
     tiny = v * 1e-3
     torch.testing.assert_close(integrate(tiny), tiny, atol=1e-6, rtol=1e-2)
+
+
+def test_invert_gives_the_inverse_map_both_ways():
+    n, w = 32, 2 * np.pi / 32
+    i, j, k = torch.meshgrid(*[torch.arange(n, dtype=torch.float32)] * 3, indexing="ij")
+    # smooth, up to 2.5 voxels, voxel gradient up to 0.5 (no folding)
+    u = torch.stack([2.5 * torch.sin(w * j + 0.3), 2.0 * torch.cos(w * k), 1.5 * torch.sin(w * (i + k))])[None]
+    v = invert(u)
+    then_u = compose(v, u)[..., 4:-4, 4:-4, 4:-4].norm(dim=1)  # the fixed point it solves: y + v(y) + u(.) = y
+    assert then_u.max() < 1e-4, then_u.max()
+    then_v = compose(u, v)[..., 4:-4, 4:-4, 4:-4].norm(dim=1)  # the other order: trilinear sampling of v limits it
+    assert then_v.max() < 0.1, then_v.max()
+    assert torch.equal(invert(torch.zeros(1, 3, 8, 8, 8)), torch.zeros(1, 3, 8, 8, 8))
 
 
 def test_resize_field_rescale_converts_units():

@@ -145,6 +145,8 @@ REFINE_FIXED = "textSCF + refine (fixed labels only)"
 # network does without SCF (training shows it pairs without regions on part of the steps).
 NO_REGIONS = "textSCF network without regions (w_r alone)"
 REFINE_BOTH = "textSCF + refine (both label maps)"
+# The network alone without the null-pair correction (RegistrationOptions.debias=False): one forward pass.
+ONE_PASS = "textSCF network alone, one pass (no null-pair correction)"
 DEFAULTS = "textSCF defaults (textscf register, no options)"
 # What `textscf register fixed moving -o out` runs: the default schedule (textscf.schedule.default_schedule).
 DEFAULT_OPTIONS = dict(refine_iterations=None, refine_field_iterations=None, refine_similarity="auto")
@@ -198,6 +200,9 @@ def abdomen(args) -> tuple[list[dict], str]:
         if ckpt and not (name == "textSCF" and args.no_network_row):
             methods[name] = RegistrationOptions(checkpoint=ckpt, preset="abdomen-ct", init=args.abdomen_init,
                                                 device=args.device)
+    if args.one_pass_row:
+        methods[ONE_PASS] = RegistrationOptions(checkpoint=args.checkpoint, preset="abdomen-ct", init=args.abdomen_init,
+                                                device=args.device, debias=False)
     if args.no_regions_row:
         methods[NO_REGIONS] = RegistrationOptions(checkpoint=args.checkpoint, preset="abdomen-ct",
                                                   init=args.abdomen_init, device=args.device)
@@ -252,6 +257,7 @@ def abdomen(args) -> tuple[list[dict], str]:
                "map, the moving one only scoring)." if not args.no_defaults else ""))
     note += " " + paired_difference(rows, "textSCF", "LKU-Net (no SCF)")
     note += " " + paired_difference(rows, "textSCF", NO_REGIONS)
+    note += " " + paired_difference(rows, "textSCF", ONE_PASS)
     note += " " + paired_difference(rows, DEFAULTS, "Elastix B-spline") + " " + \
         paired_difference(rows, DEFAULTS, "ANTs SyN")
     return rows, markdown(summaries, ["textSCF", DEFAULTS, REFINE_FIXED], "Abdomen CT (label-derived synthetic images)",
@@ -364,6 +370,9 @@ def real_ct(args) -> tuple[list[dict], str]:
         if not args.no_network_row:
             candidates.append(("textSCF network alone", RegistrationOptions(
                 checkpoint=args.checkpoint, preset="abdomen-ct", init=init, device=args.device)))
+        if args.one_pass_row:
+            candidates.append((ONE_PASS, RegistrationOptions(
+                checkpoint=args.checkpoint, preset="abdomen-ct", init=init, device=args.device, debias=False)))
         if not args.no_defaults:
             candidates += list(default_rows(args, checkpoint=args.checkpoint, preset="abdomen-ct", init=init,
                                             device=args.device).items())
@@ -414,6 +423,9 @@ def main(argv=None) -> int:
                    "level, fixed labels only and both label maps")
     p.add_argument("--no-defaults", action="store_true", help="leave out the row of `textscf register`'s defaults")
     p.add_argument("--no-network-row", action="store_true", help="leave out the network-alone row")
+    p.add_argument("--one-pass-row", action="store_true", help="also the network alone with one forward pass "
+                   "(--abdomen, --real-ct; the network rows remove the network's response to the null pair by "
+                   "default: RegistrationOptions.debias)")
     p.add_argument("--no-regions-row", action="store_true", help="also the network alone given no regions (the "
                    "shared filter w_r alone: the same weights without SCF)")
     p.add_argument("--variants", nargs="*", default=[], choices=sorted(VARIANTS),

@@ -116,6 +116,10 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--integrate", dest="integrate", action="store_true", default=None,
                    help="diffeomorphic integration (scaling and squaring, 7 steps)")
     g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
+    g.add_argument("--no-debias", dest="debias", action="store_false",
+                   help="run the network once; by default it also runs on the fixed image paired with itself and "
+                   "that response (which should be zero) is removed from the field, so an image registered to "
+                   "itself gets a zero field")
     g.add_argument("--refine", type=refine_iterations_option, default=None, metavar="N",
                    help="instance optimisation: N steps on the network's weights on this pair (0 = none; with no "
                    "--refine-field either, the network's forward pass alone). Default: the default schedule, printed "
@@ -310,7 +314,7 @@ def _options_from_args(args) -> RegistrationOptions:
         refine_iterations=args.refine, refine_learning_rate=args.refine_lr, refine_smooth_weight=args.refine_smooth,
         refine_field_iterations=args.refine_field,
         refine_similarity=args.similarity, segmentor_weights=args.segmentor_weights,
-        unmapped_labels=args.unmapped_labels, seed=args.seed, **label_guidance(args),
+        unmapped_labels=args.unmapped_labels, seed=args.seed, debias=args.debias, **label_guidance(args),
     )
 
 

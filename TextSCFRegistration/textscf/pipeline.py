@@ -22,6 +22,7 @@ import SimpleITK as sitk
 import torch
 
 from textscf import deformation, metrics
+from textscf import warp as warp_fields
 from textscf.alignment import describe_transform, initial_alignment
 from textscf.checkpoint import load_checkpoint
 from textscf.errors import CancelledError, CheckpointError, InputError, PromptError
@@ -104,6 +105,9 @@ class RegistrationOptions:
         segmentor_feature_size: 12, 24 or 48 (tiny/small/base).
         unmapped_labels: label values without a prompt: "error" or "background".
         seed: seeds torch for deterministic refinement.
+        debias: run the network a second time on the null pair (the fixed image as fixed and moving, whose true
+            field is zero) and remove that response from the field (:func:`remove_null_response`): an image
+            registered to itself gets a zero field. Costs a second forward pass; False = one pass.
     """
 
     checkpoint: str | None = None
@@ -127,6 +131,7 @@ class RegistrationOptions:
     segmentor_feature_size: int = 48
     unmapped_labels: str = "error"
     seed: int = 0
+    debias: bool = True
 
 
 @dataclass
@@ -379,21 +384,54 @@ def _tensor(arr: np.ndarray, device, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).to(device=device, dtype=dtype)[None, None]
 
 
-def run_network(net: TextSCFNet, moving: np.ndarray, fixed: np.ndarray, regions: np.ndarray,
-                confidence: np.ndarray, device: torch.device) -> tuple[np.ndarray, str | None]:
-    """Network forward on ``device`` by the inference path (:func:`for_inference`: folded blocks, no autograd, no
-    warp); on CUDA out-of-memory, retried on the CPU. Returns (u (3,I,J,K), note)."""
+def run_network(net: TextSCFNet, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]],
+                device: torch.device) -> tuple[list[np.ndarray], str | None]:
+    """Network forwards on ``device``, one per ``(moving, fixed, regions, confidence)`` in ``pairs``, by one inference
+    copy (:func:`for_inference`: folded blocks, no autograd, no warp); on CUDA out-of-memory, all are run on the CPU.
+    Returns (one u (3, I, J, K) per pair, note)."""
     def forward(dev):
         inference = for_inference(net.to(dev))
-        displacement, _ = inference.displacement(_tensor(moving, dev), _tensor(fixed, dev),
-                                                 _tensor(regions, dev, torch.long), _tensor(confidence, dev))
-        return displacement[0].float().cpu().numpy()
+        fields = []
+        for moving, fixed, regions, confidence in pairs:
+            displacement, _ = inference.displacement(_tensor(moving, dev), _tensor(fixed, dev),
+                                                     _tensor(regions, dev, torch.long), _tensor(confidence, dev))
+            fields.append(displacement[0].float().cpu().numpy())
+        return fields
 
     try:
         return forward(device), None
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return forward(torch.device("cpu")), "the GPU ran out of memory; the network ran on the CPU instead"
+
+
+def network_field(run: "_Run", inputs: "ModelInputs", debias: bool, stats: dict) -> tuple[np.ndarray, str | None]:
+    """The network's voxel field ``(3, I, J, K)`` on ``inputs``' grid: its forward pass on the pair, with ``debias``
+    corrected by its response to the null pair (:func:`remove_null_response`; the largest length of that response
+    goes to ``stats["null_pair_response_max_voxels"]``). Returns (u, device note)."""
+    pair = (inputs.moving, inputs.fixed, inputs.regions, inputs.confidence)
+    if not debias:
+        fields, note = run_network(run.net, [pair], run.device)
+        return fields[0], note
+    null_pair = (inputs.fixed, inputs.fixed, inputs.regions, inputs.confidence)
+    (forward, null), note = run_network(run.net, [pair, null_pair], run.device)
+    stats["null_pair_response_max_voxels"] = round(float(np.sqrt((null ** 2).sum(0)).max()), 4)
+    return remove_null_response(forward, null), note
+
+
+def remove_null_response(forward: np.ndarray, null: np.ndarray) -> np.ndarray:
+    """The network's field ``forward`` for a pair with its response ``null`` to the null pair removed.
+
+    The null pair is the fixed image registered to itself (same regions and confidence): its true field is zero, so
+    what the network returns for it, ``b``, depends on the fixed image alone and is an error of the network. The
+    forward field ``u`` carries a fixed point through that error first, ``x -> x + b(x)``, then on to the moving
+    image; composing the inverse of the error before ``u`` removes it: ``x -> x + v(x) + u(x + v(x))`` with
+    ``v = inverse(b)`` (:func:`textscf.warp.invert`, :func:`textscf.warp.compose`). The same image as fixed and
+    moving then gets a zero field (up to the inversion's error); other pairs keep what depends on the moving image.
+    Fields ``(3, I, J, K)`` in voxels.
+    """
+    undo_bias = warp_fields.invert(torch.from_numpy(null)[None])
+    return warp_fields.compose(undo_bias, torch.from_numpy(forward)[None])[0].numpy()
 
 
 def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts: Prompts,
@@ -698,8 +736,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
     from the network's field when the schedule says so."""
     schedule = run.schedule
     if schedule.steps == 0:
-        u_model, run_note = run_network(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
-                                        run.device)
+        u_model, run_note = network_field(run, inputs, options.debias, stats)
         _record_device(run, run_note, stats)
         _check_finite_field(u_model, refined=False)
         return u_model, inputs.grid
@@ -730,8 +767,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
             first = refine(inputs, replace(settings, field_iterations=0))
             start, network_summary = first.displacement, first.summary()
         elif schedule.network_start:
-            start, run_note = run_network(run.net, inputs.moving, inputs.fixed, inputs.regions, inputs.confidence,
-                                          run.device)
+            start, run_note = network_field(run, inputs, options.debias, stats)
             network_summary = None
         else:
             start, network_summary = np.zeros((3,) + inputs.grid.shape, np.float32), None

@@ -70,3 +70,17 @@ def resize_field(field: torch.Tensor, size: tuple[int, int, int], rescale: bool 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Displacement of ``x -> x + first(x) + second(x + first(x))`` (apply ``first``, then ``second``)."""
     return first + SpatialTransformer(padding_mode="border")(second, first)
+
+
+def invert(displacement: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+    """Displacement ``v`` of the inverse of ``x -> x + u(x)``, by the fixed-point iteration ``v(y) = -u(y + v(y))``
+    (border padding outside the grid).
+
+    The iteration contracts where the field's voxel gradient is below 1 in norm (every non-folding smooth field of
+    a registration); each step costs one trilinear sample of ``u``. Shapes and units as :func:`compose`.
+    """
+    sample = SpatialTransformer(padding_mode="border")
+    inverse = -displacement
+    for _ in range(iterations - 1):
+        inverse = -sample(displacement, inverse)
+    return inverse
