@@ -300,3 +300,5 @@ def test_no_debias_runs_the_network_once():
     parser = build_parser()
     assert _options_from_args(parser.parse_args(base)).debias is True
     assert _options_from_args(parser.parse_args(base + ["--no-debias"])).debias is False
+    evaluate = ["evaluate", "--pairs", "pairs.csv", "-o", "out"]
+    assert parser.parse_args(evaluate).debias is True and parser.parse_args(evaluate + ["--no-debias"]).debias is False

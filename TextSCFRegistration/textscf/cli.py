@@ -116,10 +116,7 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--integrate", dest="integrate", action="store_true", default=None,
                    help="diffeomorphic integration (scaling and squaring, 7 steps)")
     g.add_argument("--no-integrate", dest="integrate", action="store_false", help="no integration")
-    g.add_argument("--no-debias", dest="debias", action="store_false",
-                   help="run the network once; by default it also runs on the fixed image paired with itself and "
-                   "that response (which should be zero) is removed from the field, so an image registered to "
-                   "itself gets a zero field")
+    add_debias_option(g)
     g.add_argument("--refine", type=refine_iterations_option, default=None, metavar="N",
                    help="instance optimisation: N steps on the network's weights on this pair (0 = none; with no "
                    "--refine-field either, the network's forward pass alone). Default: the default schedule, printed "
@@ -144,6 +141,13 @@ def _add_register_options(p: argparse.ArgumentParser) -> None:
     add_label_guidance_options(g)
     g.add_argument("--seed", type=seed_option, default=0,
                    help=f"random seed, 0 to {SEED_MAX} (refinement is deterministic on the CPU)")
+
+
+def add_debias_option(g) -> None:
+    g.add_argument("--no-debias", dest="debias", action="store_false",
+                   help="run the network once; by default it also runs on the fixed image paired with itself and "
+                   "that response (which should be zero) is removed from the field, so an image registered to "
+                   "itself gets a zero field")
 
 
 def add_label_guidance_options(g) -> None:

@@ -11,8 +11,8 @@ from textscf.evaluation.report import format_mean_std
 def add_evaluate_parser(sub) -> None:
     """Add ``textscf evaluate`` to the ``textscf`` sub-command parsers."""
     from textscf.cli import (  # the option types of every textscf command have one definition, there
-        comma_list_option, int_list_option, add_label_guidance_options, int_option, output_folder_option, path_option,
-        refine_iterations_option, refine_lr_option, seed_option,
+        add_debias_option, add_label_guidance_options, comma_list_option, int_list_option, int_option,
+        output_folder_option, path_option, refine_iterations_option, refine_lr_option, seed_option,
     )
     from textscf.training_cli import DEFAULT_SHARED_DATA
 
@@ -47,6 +47,7 @@ def add_evaluate_parser(sub) -> None:
     g.add_argument("--refine-lr", type=refine_lr_option, default=None,
                    help="refinement learning rate, in (0, 1] (default 1e-3)")
     g.add_argument("--seed", type=seed_option, default=0)
+    add_debias_option(g)
     add_label_guidance_options(g)
     o = p.add_argument_group("outputs")
     o.add_argument("--learn2reg", action="store_true", help="also write the Learn2Reg submission fields")
@@ -75,7 +76,7 @@ def cmd_evaluate(args) -> int:
     options = RegistrationOptions(
         checkpoint=args.checkpoint, preset=args.preset, region_names=args.prompts, label_values=args.label_values,
         init=args.init, device=args.device, refine_iterations=args.refine, refine_learning_rate=refine_lr,
-        unmapped_labels=args.unmapped_labels, seed=args.seed, **label_guidance(args),
+        unmapped_labels=args.unmapped_labels, seed=args.seed, debias=args.debias, **label_guidance(args),
     )
     for note in [SYNTHETIC_NOTE] if any(c.synthetic for c in cases) else []:
         print(f"textscf: note: {note}")
