@@ -3,7 +3,7 @@
 - ``benchmarks/model_efficiency.py``: prints the Markdown table; its parameter count for N_s = 8 is ``sum(p.numel())``
   of an independently built network; FLOPs double when the voxels double (exactly for the no-SCF network; for the
   textSCF head up to the filter MLP, which runs once per forward and is counted exactly once).
-- ``benchmarks/pipeline_resources.py``: both register() runs (forward, refinement) report every pipeline stage, a
+- ``benchmarks/pipeline_resources.py``: the register() runs (forward, one pass, refinement) report every pipeline stage, a
   positive time and a positive peak memory.
 """
 from __future__ import annotations
@@ -68,7 +68,7 @@ def test_pipeline_resources_small_run(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| stage | forward: s | forward: peak RSS GiB |" in printed
     assert out_json.is_file()
-    assert set(result["runs"]) == {"forward", "refine 1"}
+    assert set(result["runs"]) == {"forward", "one pass (--no-debias)", "refine 1"}
     stage_names = [name for name, _ in STAGES]
     for run in result["runs"].values():
         assert list(run["seconds_per_stage"]) == stage_names

@@ -55,15 +55,31 @@ def case():
     return fixed, moving, labels, grid, u
 
 
-@pytest.mark.parametrize("initial", list(_initials()))
-def test_deformation_matches_the_itk_path(case, initial):
+@pytest.fixture(scope="module")
+def aligned_case(case):
+    """``case`` with a model grid whose axes are the fixed grid's (its direction, another spacing and origin): the
+    field is resampled axis by axis."""
     fixed, moving, labels, grid, u = case
+    aligned = ModelGrid(grid.shape, grid.spacing, grid.origin, fixed.GetDirection())
+    return fixed, moving, labels, aligned, u
+
+
+@pytest.mark.parametrize("initial", list(_initials()))
+@pytest.mark.parametrize("axes", ["oblique", "aligned"])
+def test_deformation_matches_the_itk_path(case, aligned_case, initial, axes, monkeypatch):
+    from textscf import deformation as module
+
+    fixed, moving, labels, grid, u = case if axes == "oblique" else aligned_case
     init = _initials()[initial]
+    by_axis = []
+    real = module._interpolate_axis
+    monkeypatch.setattr(module, "_interpolate_axis", lambda *a: by_axis.append(1) or real(*a))
     field = resample_displacement(voxel_displacement_to_physical(u, grid), fixed)
     total = compose_with_initial(field, init)
     deformation = Deformation(u, grid, fixed, init)
+    assert bool(by_axis) == (axes == "aligned")
 
-    assert np.abs(image_to_array(field) - deformation.d_mm.numpy()).max() < 1e-4  # mm, fields of up to ~3 mm
+    assert np.abs(image_to_array(field) - deformation.field_mm().numpy()).max() < 1e-4  # mm, fields of up to ~3 mm
     assert deformation.max_length_mm() == pytest.approx(np.sqrt((image_to_array(field) ** 2).sum(0)).max(), rel=1e-5)
     jac = metrics.jacobian_determinant(physical_displacement_to_voxel(field, fixed))
     assert np.abs(jac - deformation.jacobian()).max() < 1e-5

@@ -255,3 +255,4 @@ def test_removing_a_zero_null_response_keeps_the_field():
 
     forward = np.random.default_rng(0).normal(size=(3, 8, 8, 8)).astype(np.float32)
     np.testing.assert_allclose(remove_null_response(forward, np.zeros_like(forward)), forward, atol=1e-5)
+

@@ -164,6 +164,17 @@ def test_invert_gives_the_inverse_map_both_ways():
     assert torch.equal(invert(torch.zeros(1, 3, 8, 8, 8)), torch.zeros(1, 3, 8, 8, 8))
 
 
+def test_compose_slab_by_slab_equals_the_whole_field(monkeypatch):
+    from textscf import warp as module
+
+    torch.manual_seed(0)
+    first = resize_field(torch.randn(1, 3, 4, 4, 4) * 2, (40, 36, 30))
+    second = resize_field(torch.randn(1, 3, 4, 4, 4) * 2, (40, 36, 30))
+    whole = compose(first, second)
+    monkeypatch.setattr(module, "COMPOSE_SLAB_VOXELS", 36 * 30 * 3)  # 14 slabs, the last one shorter
+    torch.testing.assert_close(compose(first, second), whole, atol=1e-5, rtol=0)
+
+
 def test_resize_field_rescale_converts_units():
     f = torch.ones(1, 3, 4, 4, 4)
     out = resize_field(f, (8, 8, 4), rescale=True)

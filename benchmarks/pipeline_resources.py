@@ -6,10 +6,12 @@ checkpoint (N_s = 8, one-hot prompts for the 13 BTCV organs, CΦ = 64 like the b
 full 192 x 160 x 256 grid at 2 mm, so the network runs at full resolution (the bundled model runs at 4 mm).
 The weights are random: the numbers measure cost, not accuracy.
 
-Two runs of ``register`` (both with the fixed and moving label maps, so Dice/HD95 are computed):
+Three runs of ``register`` (all with the fixed and moving label maps, so Dice/HD95 are computed):
 
-1. ``forward``: the network's forward pass only (``refine_iterations=0``);
-2. ``refine N``: instance optimisation, ``refine_iterations=N`` (default 2), to show what one refinement iteration
+1. ``forward``: the network alone (``refine_iterations=0``): its forward pass on the pair and on the null pair, whose
+   response is removed from the field (``debias``, the default);
+2. ``one pass``: the same with ``debias=False`` (``--no-debias``): the cost of the null-pair correction;
+3. ``refine N``: instance optimisation, ``refine_iterations=N`` (default 2), to show what one refinement iteration
    (forward + backward + Adam step at full resolution) costs in time and memory.
 
 Each run happens in a fresh Python subprocess, so runs do not share memory. Inside the child, peak resident memory
@@ -103,7 +105,8 @@ def child_main(spec: dict) -> dict:
     fixed_labels = sitk.ReadImage(str(work / "fixed_labels.mha"))
     moving_labels = sitk.ReadImage(str(work / "moving_labels.mha"))
     options = RegistrationOptions(checkpoint=str(work / "model.pt"), device="cpu",
-                                  init="center", refine_iterations=int(spec["refine_iterations"]), seed=0)
+                                  init="center", refine_iterations=int(spec["refine_iterations"]), seed=0,
+                                  debias=bool(spec.get("debias", True)))
     rss_before = _status_bytes("VmRSS")
     peak_before = _peak_bytes()
     resettable = _reset_peak()
@@ -172,8 +175,8 @@ def prepare_inputs(workdir: Path, shape, spacing, model_shape, start_channels: i
             "params": sum(p.numel() for p in net.parameters())}
 
 
-def run_child(workdir: Path, refine_iterations: int, threads: int | None) -> dict:
-    spec = {"workdir": str(workdir), "refine_iterations": refine_iterations, "threads": threads}
+def run_child(workdir: Path, refine_iterations: int, threads: int | None, debias: bool = True) -> dict:
+    spec = {"workdir": str(workdir), "refine_iterations": refine_iterations, "threads": threads, "debias": debias}
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     start = time.perf_counter()
@@ -270,11 +273,12 @@ def main(argv: list[str] | None = None) -> dict:
         prep = prepare_inputs(workdir, shape, spacing, model_shape, args.start_channels, args.hidden_channels,
                               args.variation)
         forward = run_child(workdir, 0, args.threads)
+        one_pass = run_child(workdir, 0, args.threads, debias=False)
         refine = run_child(workdir, args.refine_iterations, args.threads)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
-    runs = [("forward", forward), (f"refine {args.refine_iterations}", refine)]
+    runs = [("forward", forward), ("one pass (--no-debias)", one_pass), (f"refine {args.refine_iterations}", refine)]
     table = markdown_table(runs)
 
     import torch

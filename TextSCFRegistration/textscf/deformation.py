@@ -13,8 +13,10 @@ resampler: a point within ``[-0.5, size - 0.5)`` voxels of an image on every axi
 voxels clamped, a point beyond gets the default value. Nearest-neighbour ties (exactly half-way) may round the other
 way than ITK's.
 
-Work is done on slabs of the fixed grid's first axis, so that the temporary coordinate arrays stay small (cache and
-memory): the peak is the field itself plus a few slabs.
+Arrays are kept in ITK's buffer order ``(K, J, I)`` (what SimpleITK's array views give and take), so no full-size array
+is transposed, and work is done on slabs of its first axis (the fixed grid's K), so that the temporary coordinate
+arrays stay small (cache and memory): the peak is the field itself plus a few slabs. When the fixed grid's axes are
+the model grid's, the field is resampled axis by axis instead of by ``grid_sample``.
 """
 from __future__ import annotations
 
@@ -50,22 +52,47 @@ def supports(initial: sitk.Transform | None) -> bool:
 
 
 def _sampling_coordinates(a: np.ndarray, b: np.ndarray, size) -> tuple[np.ndarray, np.ndarray]:
-    """``index = a p + b`` (ITK order i, j, k) -> the affine map to ``grid_sample``'s coordinates: order (k, j, i),
-    ``-1`` and ``1`` at the first and last voxel centres (``align_corners=True``)."""
+    """``index = a p + b`` (ITK order i, j, k) -> the affine map to ``grid_sample``'s coordinates of a volume stored in
+    ITK's buffer order ``(K, J, I)``: components (i, j, k) = grid_sample's (x, y, z), ``-1`` and ``1`` at the first
+    and last voxel centres (``align_corners=True``). ``size``: the volume's ``(I, J, K)``."""
     scale = 2.0 / np.maximum(np.asarray(size, dtype=np.float64) - 1.0, 1.0)
-    return (scale[:, None] * a)[::-1].copy(), (scale * b - 1.0)[::-1].copy()
+    return scale[:, None] * a, scale * b - 1.0
 
 
 def _grid_points(rows: range, shape, a: np.ndarray, b: np.ndarray) -> torch.Tensor:
-    """``(len(rows), J, K, 3)`` float32 ``a @ p + b`` for the indices ``p`` of ``rows`` x ``shape[1:]`` (set up in
-    float64, so large origins lose nothing before the float32 result)."""
-    i = torch.arange(rows.start, rows.stop, dtype=torch.float64)[:, None, None]
+    """``(len(rows), J, I, 3)`` float32 ``a @ p + b`` for the indices ``p = (i, j, k)`` with ``k`` in ``rows`` (the
+    slowest axis of ITK's buffer order) and every ``j``, ``i`` of ``shape = (I, J, K)`` (set up in float64, so large
+    origins lose nothing before the float32 result)."""
+    k = torch.arange(rows.start, rows.stop, dtype=torch.float64)[:, None, None]
     j = torch.arange(shape[1], dtype=torch.float64)[None, :, None]
-    k = torch.arange(shape[2], dtype=torch.float64)[None, None, :]
-    out = torch.empty(len(rows), shape[1], shape[2], 3, dtype=torch.float32)
+    i = torch.arange(shape[0], dtype=torch.float64)[None, None, :]
+    out = torch.empty(len(rows), shape[1], shape[0], 3, dtype=torch.float32)
     for r in range(3):
-        out[..., r] = i * a[r, 0] + j * a[r, 1] + (k * a[r, 2] + b[r])
+        out[..., r] = k * a[r, 2] + j * a[r, 1] + (i * a[r, 0] + b[r])
     return out
+
+
+def _linear_taps(position: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Linear interpolation along one axis of ``n`` voxels at ``position`` (voxel indices), as :func:`sample` does:
+    ``(first, second, w_first, w_second)``, clamped to the edge voxels within half a voxel beyond them and weight 0
+    further out."""
+    inside = (position >= -0.5) & (position < n - 0.5)
+    q = np.clip(position, 0.0, n - 1.0)
+    first = np.minimum(np.floor(q), max(n - 2, 0)).astype(np.int64)
+    second = np.minimum(first + 1, n - 1)
+    w_second = np.where(inside, q - first, 0.0)
+    w_first = np.where(inside, 1.0 - (q - first), 0.0)
+    return (torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(w_first.astype(np.float32)),
+            torch.from_numpy(w_second.astype(np.float32)))
+
+
+def _interpolate_axis(volume: torch.Tensor, axis: int, taps) -> torch.Tensor:
+    """``volume`` resampled along ``axis`` by :func:`_linear_taps`' taps."""
+    first, second, w_first, w_second = taps
+    shape = [1] * volume.dim()
+    shape[axis] = -1
+    return (volume.index_select(axis, first) * w_first.view(shape)).add_(
+        volume.index_select(axis, second) * w_second.view(shape))
 
 
 def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", default: float = 0.0) -> torch.Tensor:
@@ -103,8 +130,9 @@ def _gradient(v: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 def _determinant(u: torch.Tensor) -> torch.Tensor:
-    """Jacobian determinant of ``x -> x + u(x)`` for a voxel field ``(3, I, J, K)`` (see metrics.jacobian_determinant)."""
-    a = [[_gradient(u[r], c) for c in range(3)] for r in range(3)]
+    """Jacobian determinant of ``x -> x + u(x)`` for a voxel field stored ``(3, K, J, I)`` (ITK's buffer order;
+    components i, j, k, so index axis ``c`` is tensor axis ``2 - c``; see metrics.jacobian_determinant)."""
+    a = [[_gradient(u[r], 2 - c) for c in range(3)] for r in range(3)]
     for r in range(3):
         a[r][r].add_(1.0)
     det = (a[1][1] * a[2][2]).sub_(a[1][2] * a[2][1]).mul_(a[0][0])
@@ -138,11 +166,18 @@ def resample_voxel_field(u: np.ndarray, source: ModelGrid, target: ModelGrid) ->
 class Deformation:
     """``x -> initial(x + d(x))`` on the fixed grid, with ``d`` the network's field resampled from the model grid.
 
+    Everything is stored and computed in ITK's buffer order ``(K, J, I)`` (what ``sitk.GetArrayViewFromImage``
+    gives and ``sitk.GetImageFromArray`` takes), so that no full-size array is transposed on its way in or out.
+
     Args:
         u_model: ``(3, I, J, K)`` voxel displacement on ``model_grid`` (resampling convention).
         model_grid: the grid ``u_model`` lives on.
         fixed: the fixed image (its grid is the output grid).
         initial: the initial alignment, a matrix-offset transform or None (see :func:`supports`).
+
+    Attributes:
+        d_mm: ``(K, J, I, 3)`` float32 LPS mm, the deformable part ``d`` on the fixed grid (:meth:`field_mm` gives
+            the ``(3, I, J, K)`` view of :mod:`textscf.spatial`'s arrays).
     """
 
     def __init__(self, u_model, model_grid: GridLike, fixed: sitk.Image | ModelGrid,
@@ -163,88 +198,125 @@ class Deformation:
 
     # ------------------------------------------------------------------------------------------------ the field
     def _slabs(self):
-        n, j, k = self.fixed_grid.shape
-        rows = max(1, SLAB_VOXELS // (j * k))
-        return (range(s, min(s + rows, n)) for s in range(0, n, rows))
+        """Ranges of the fixed grid's K axis (the first of ITK's buffer order)."""
+        i, j, k = self.fixed_grid.shape
+        rows = max(1, SLAB_VOXELS // (j * i))
+        return (range(s, min(s + rows, k)) for s in range(0, k, rows))
 
     def _fixed_affine(self) -> tuple[np.ndarray, np.ndarray]:
         return self.fixed_grid.index_to_physical_matrix, np.asarray(self.fixed_grid.origin, dtype=np.float64)
 
+    def field_mm(self) -> torch.Tensor:
+        """``d`` as ``(3, I, J, K)`` (a view of :attr:`d_mm`)."""
+        return self.d_mm.permute(3, 2, 1, 0)
+
     def _resample(self, u: torch.Tensor) -> torch.Tensor:
-        """``d`` in mm on the fixed grid: the voxel field sampled linearly (zero beyond the model grid), then mapped
-        to mm (the 3x3 map commutes with linear interpolation)."""
+        """``d`` in mm on the fixed grid, ``(K, J, I, 3)``: the field mapped to mm on the model grid (the 3x3 map
+        commutes with linear interpolation), then sampled linearly (zero beyond the model grid): axis by axis when
+        the fixed grid's axes are the model grid's (same directions, so each fixed index moves along one model axis),
+        else by ``grid_sample`` slab by slab."""
         g = self.model_grid
         to_model = np.linalg.inv(g.index_to_physical_matrix)
         mf, of = self._fixed_affine()
-        a, b = _sampling_coordinates(to_model @ mf, to_model @ (of - np.asarray(g.origin)), g.shape)
+        a, b = to_model @ mf, to_model @ (of - np.asarray(g.origin))  # fixed index -> model index
         to_mm = torch.as_tensor(g.index_to_physical_matrix, dtype=torch.float32)
-        out = torch.empty(3, *self.fixed_grid.shape, dtype=torch.float32)
+        volume = torch.einsum("ab,bijk->kjia", to_mm, u).contiguous()  # (K', J', I', 3) mm on the model grid
+        shape = self.fixed_grid.shape
+        out = torch.empty(*shape[::-1], 3, dtype=torch.float32)
+        if np.abs(a - np.diag(np.diag(a))).max() <= 1e-9 * np.abs(a).max():
+            taps = [_linear_taps(a[r, r] * np.arange(shape[r]) + b[r], g.shape[r]) for r in range(3)]
+            volume = _interpolate_axis(_interpolate_axis(volume, 1, taps[1]), 2, taps[0])  # (K', J, I, 3)
+            first, second, w_first, w_second = taps[2]
+            for rows in self._slabs():
+                out[rows.start:rows.stop] = _interpolate_axis(
+                    volume, 0, (first[rows.start:rows.stop], second[rows.start:rows.stop],
+                                w_first[rows.start:rows.stop], w_second[rows.start:rows.stop]))
+            return out
+        a, b = _sampling_coordinates(a, b, g.shape)
+        channels_first = volume.permute(3, 0, 1, 2)
         for rows in self._slabs():
-            voxels = sample(u, _grid_points(rows, self.fixed_grid.shape, a, b), "linear", 0.0)
-            out[:, rows.start:rows.stop] = torch.einsum("ab,bijk->aijk", to_mm, voxels)
+            out[rows.start:rows.stop] = sample(channels_first, _grid_points(rows, shape, a, b), "linear",
+                                               0.0).permute(1, 2, 3, 0)
         return out
 
     def max_length_mm(self) -> float:
         """Largest ``|d(x)|`` in mm (the deformable part, without the initial alignment)."""
-        return max(float(self.d_mm[:, r.start:r.stop].square().sum(0).max()) for r in self._slabs()) ** 0.5
+        return max(float(self.d_mm[r.start:r.stop].square().sum(-1).max()) for r in self._slabs()) ** 0.5
 
     def jacobian(self) -> np.ndarray:
         """``(I, J, K)`` float32 Jacobian determinant of ``x -> x + d(x)`` (as ``metrics.jacobian_determinant`` of
-        the field in fixed-grid voxels)."""
+        the field in fixed-grid voxels): a view of a ``(K, J, I)`` array, whose ``.transpose(2, 1, 0)`` is ITK's
+        buffer without a copy."""
         to_voxels = torch.as_tensor(np.linalg.inv(self.fixed_grid.index_to_physical_matrix), dtype=torch.float32)
-        n = self.fixed_grid.shape[0]
-        out = torch.empty(self.fixed_grid.shape, dtype=torch.float32)
+        n = self.fixed_grid.shape[2]
+        out = torch.empty(self.fixed_grid.shape[::-1], dtype=torch.float32)
         for rows in self._slabs():
             lo, hi = max(rows.start - 1, 0), min(rows.stop + 1, n)  # one row of halo for the central differences
-            u = torch.einsum("ab,bijk->aijk", to_voxels, self.d_mm[:, lo:hi])
+            u = torch.einsum("ab,kjib->akji", to_voxels, self.d_mm[lo:hi])  # components i, j, k in voxels
             out[rows.start:rows.stop] = _determinant(u)[rows.start - lo:rows.stop - lo]
-        return out.numpy()
+        return out.numpy().transpose(2, 1, 0)
 
     def total_image(self, pixel_type: int = sitk.sitkVectorFloat32, release: bool = False) -> sitk.Image:
         """``initial(x + d(x)) - x`` as a 3-vector image on the fixed grid (LPS mm); float32 (what the outputs
         store), ``sitkVectorFloat64`` on request (ITK's displacement-field transform casts to it anyway).
-        ``release=True`` frees the field before the image is built (the last use: one full-size copy less)."""
-        dtype = np.float64 if pixel_type == sitk.sitkVectorFloat64 else np.float32
-        arr = np.empty((*self.fixed_grid.shape[::-1], 3), dtype=dtype)  # ITK's (K, J, I, 3) buffer order
+        ``release=True`` is the last use: the initial alignment is folded into the field in place and the field is
+        dropped once its image is built (no second full-size array)."""
+        arr = self.d_mm if release else torch.empty_like(self.d_mm)
         for rows in self._slabs():
-            arr[:, :, rows.start:rows.stop] = self._total_slab(rows).permute(2, 1, 0, 3).numpy()
+            arr[rows.start:rows.stop] = self._total_slab(rows)
+        values = arr.numpy()
+        if pixel_type == sitk.sitkVectorFloat64:
+            values = values.astype(np.float64)
+        img = sitk.GetImageFromArray(values, isVector=True)
         if release:
-            self.d_mm = None  # no slab view outlives the loop above, so this frees the field
-        img = sitk.GetImageFromArray(arr, isVector=True)
+            self.d_mm = None
         self.fixed_grid.apply_to(img)
         return img
 
     def _total_slab(self, rows: range) -> torch.Tensor:
-        """``initial(x + d(x)) - x`` on ``rows`` of the fixed grid, ``(len(rows), J, K, 3)`` float32 LPS mm."""
-        d = self.d_mm[:, rows.start:rows.stop]
+        """``initial(x + d(x)) - x`` on ``rows`` of the fixed grid's K axis, ``(len(rows), J, I, 3)`` float32 LPS mm."""
+        d = self.d_mm[rows.start:rows.stop]
         if not self.has_initial:
-            return d.permute(1, 2, 3, 0)
+            return d
         # initial(x + d) - x = (M - I) x + t + M d
         m = torch.as_tensor(self.initial_matrix, dtype=torch.float32)
         mf, of = self._fixed_affine()
         x_a, x_b = (self.initial_matrix - np.eye(3)) @ mf, (self.initial_matrix - np.eye(3)) @ of + self.initial_offset
-        return _grid_points(rows, self.fixed_grid.shape, x_a, x_b) + torch.einsum("ab,bijk->ijka", m, d)
+        return _grid_points(rows, self.fixed_grid.shape, x_a, x_b).add_(d @ m.T)
 
     # --------------------------------------------------------------------------------------------- warped images
     def warp(self, moving: sitk.Image, interpolator: str = "linear", default: float = 0.0) -> sitk.Image:
         """``moving(initial(x + d(x)))`` on the fixed grid, in ``moving``'s pixel type (ITK's cast: truncation
         towards zero for integer types)."""
-        if moving.GetNumberOfComponentsPerPixel() != 1 or moving.GetDimension() != 3:
-            raise InputError("only scalar 3-D images can be warped.")
-        mv = ModelGrid.from_image(moving)
-        to_moving = np.linalg.inv(mv.index_to_physical_matrix) @ self.initial_matrix
-        mf, of = self._fixed_affine()
-        a, b = _sampling_coordinates(to_moving @ mf, to_moving @ of + np.linalg.inv(mv.index_to_physical_matrix) @ (
-            self.initial_offset - np.asarray(mv.origin)), mv.shape)
-        to_coords = torch.as_tensor(_sampling_coordinates(to_moving, np.zeros(3), mv.shape)[0], dtype=torch.float32)
-        volume = torch.from_numpy(np.ascontiguousarray(
-            np.asarray(sitk.GetArrayViewFromImage(moving), dtype=np.float32).transpose(2, 1, 0)))
-        out = np.empty(self.fixed_grid.shape[::-1], dtype=np.float32)  # (K, J, I)
-        for rows in self._slabs():
-            coords = _grid_points(rows, self.fixed_grid.shape, a, b)
-            coords += torch.einsum("ab,bijk->ijka", to_coords, self.d_mm[:, rows.start:rows.stop])
-            out[:, :, rows.start:rows.stop] = sample(volume[None], coords, interpolator, default)[0].numpy().transpose(
-                2, 1, 0)
-        img = sitk.GetImageFromArray(out)
-        self.fixed_grid.apply_to(img)
-        return img if moving.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, moving.GetPixelID())
+        return self.warp_many([(moving, interpolator, default)])[0]
+
+    def warp_many(self, images: list[tuple[sitk.Image, str, float]]) -> list[sitk.Image]:
+        """:meth:`warp` of each ``(moving, interpolator, default)``; images on one grid (a scan and its label map)
+        share the sampling coordinates of each slab."""
+        for moving, _, _ in images:
+            if moving.GetNumberOfComponentsPerPixel() != 1 or moving.GetDimension() != 3:
+                raise InputError("only scalar 3-D images can be warped.")
+        grids = [ModelGrid.from_image(moving) for moving, _, _ in images]
+        volumes = [torch.from_numpy(np.array(sitk.GetArrayViewFromImage(moving), dtype=np.float32))[None]
+                   for moving, _, _ in images]  # (1, K, J, I): ITK's buffer order, no transpose (a writable copy)
+        outs = [np.empty(self.fixed_grid.shape[::-1], dtype=np.float32) for _ in images]
+        for grid in dict.fromkeys(grids):
+            members = [n for n, g in enumerate(grids) if g == grid]
+            to_moving = np.linalg.inv(grid.index_to_physical_matrix) @ self.initial_matrix
+            mf, of = self._fixed_affine()
+            a, b = _sampling_coordinates(to_moving @ mf, to_moving @ of + np.linalg.inv(grid.index_to_physical_matrix)
+                                         @ (self.initial_offset - np.asarray(grid.origin)), grid.shape)
+            to_coords = torch.as_tensor(_sampling_coordinates(to_moving, np.zeros(3), grid.shape)[0],
+                                        dtype=torch.float32)
+            for rows in self._slabs():
+                coords = _grid_points(rows, self.fixed_grid.shape, a, b).add_(
+                    self.d_mm[rows.start:rows.stop] @ to_coords.T)
+                for n in members:
+                    _, interpolator, default = images[n]
+                    outs[n][rows.start:rows.stop] = sample(volumes[n], coords, interpolator, default)[0].numpy()
+        results = []
+        for (moving, _, _), out in zip(images, outs):
+            img = sitk.GetImageFromArray(out)
+            self.fixed_grid.apply_to(img)
+            results.append(img if moving.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, moving.GetPixelID()))
+        return results

@@ -248,9 +248,11 @@ def _label_list(labels: Iterable[Any]) -> list[int]:
     return out
 
 
-def _label_boxes(labels_map: np.ndarray, values: list[int]) -> dict[int, tuple[slice, ...] | None]:
+def label_boxes(labels_map: np.ndarray, values: Iterable[Any]) -> dict[int, tuple[slice, ...] | None]:
     """Bounding box of each label value in ``labels_map`` (None where absent), in one pass over the volume
-    (``scipy.ndimage.find_objects``; values <= 0 by their own mask)."""
+    (``scipy.ndimage.find_objects``; values <= 0 by their own mask). Give it to :func:`overlap_per_label` as
+    ``target_boxes`` when several maps are scored against one target."""
+    values = _label_list(values)
     positive = [v for v in values if v > 0]
     boxes: dict[int, tuple[slice, ...] | None] = {}
     if positive:
@@ -267,11 +269,12 @@ def _label_boxes(labels_map: np.ndarray, values: list[int]) -> dict[int, tuple[s
     return boxes
 
 
-def _label_crops(pred: np.ndarray, target: np.ndarray, labels: list[int], margin: int):
+def _label_crops(pred: np.ndarray, target: np.ndarray, labels: list[int], margin: int, target_boxes=None):
     """For each label: ``(label, pred == label, target == label)`` cropped to the label's joint bounding box in both
     maps grown by ``margin`` voxels (clipped to the volume); the masks are None when the label is in neither map.
     Only the boxes are compared, so the cost follows the labels' size, not the volume's."""
-    in_pred, in_target = _label_boxes(pred, labels), _label_boxes(target, labels)
+    in_pred = label_boxes(pred, labels)
+    in_target = label_boxes(target, labels) if target_boxes is None else target_boxes
     for label in labels:
         boxes = [b for b in (in_pred[label], in_target[label]) if b is not None]
         if not boxes:
@@ -288,14 +291,15 @@ def _channel(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x))[None, None]
 
 
-def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any],
-                      spacing: Sequence[float] | None = None) -> tuple[dict[int, float], dict[int, float] | None]:
+def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Sequence[float] | None = None,
+                      target_boxes: dict | None = None) -> tuple[dict[int, float], dict[int, float] | None]:
     """Dice per label and, given ``spacing``, the 95th-percentile symmetric Hausdorff distance per label (mm).
 
     Args:
         pred, target: ``(I, J, K)`` integer label maps on the same grid (e.g. warped moving labels, fixed labels).
         labels: label values to evaluate.
         spacing: ``(s_i, s_j, s_k)`` mm per voxel along the array axes (anisotropy honoured); None: no HD95.
+        target_boxes: ``label_boxes(target, labels)`` when already found (scoring several maps against one target).
 
     Returns:
         ``({label: dice}, {label: hd95_mm} or None)``. Dice is NaN when the label is absent from both maps, 0 when it
@@ -311,7 +315,8 @@ def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any],
     s = None if spacing is None else [float(v) for v in _as_spacing(spacing)]
     dice: dict[int, float] = {}
     hd: dict[int, float] | None = None if s is None else {}
-    for label, a, b in _label_crops(p, t, _label_list(labels), margin=0 if s is None else HD95_CROP_MARGIN):
+    for label, a, b in _label_crops(p, t, _label_list(labels), margin=0 if s is None else HD95_CROP_MARGIN,
+                                    target_boxes=target_boxes):
         if a is None:
             dice[label] = math.nan
         else:

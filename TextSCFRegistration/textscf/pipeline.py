@@ -435,21 +435,28 @@ def remove_null_response(forward: np.ndarray, null: np.ndarray) -> np.ndarray:
 
 
 def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts: Prompts,
-                   hd95: bool = True) -> tuple[dict, dict | None]:
-    """Dice and HD95 (mm; None with ``hd95=False``) per region name between two label maps on the same grid."""
+                   hd95: bool = True, fixed_boxes: dict | None = None) -> tuple[dict, dict | None]:
+    """Dice and HD95 (mm; None with ``hd95=False``) per region name between two label maps on the same grid;
+    ``fixed_boxes``: :func:`label_boxes` of ``fixed_labels``, when already found."""
     fixed_arr = sitk.GetArrayViewFromImage(fixed_labels).transpose(2, 1, 0)  # (I, J, K) views: no full-size copies
     moving_arr = sitk.GetArrayViewFromImage(warped_labels).transpose(2, 1, 0)
     spacing = fixed_labels.GetSpacing()
-    dice, hd = metrics.overlap_per_label(moving_arr, fixed_arr, prompts.label_values, spacing if hd95 else None)
+    dice, hd = metrics.overlap_per_label(moving_arr, fixed_arr, prompts.label_values, spacing if hd95 else None,
+                                         target_boxes=fixed_boxes)
     by_name = dict(zip(prompts.label_values, prompts.region_names))
     return ({by_name[v]: float(d) for v, d in dice.items()},
             None if hd is None else {by_name[v]: float(h) for v, h in hd.items()})
 
 
-def regions_in_both(fixed_labels: sitk.Image, moving_labels: sitk.Image, prompts: Prompts) -> list[str]:
-    """Names of the regions whose label value occurs in both label maps (each on its own grid)."""
-    present = set(np.unique(image_to_array(fixed_labels)).tolist()) & set(np.unique(image_to_array(moving_labels)).tolist())
-    return [name for value, name in zip(prompts.label_values, prompts.region_names) if value in present]
+def label_boxes(labels: sitk.Image, prompts: Prompts) -> dict:
+    """:func:`textscf.metrics.label_boxes` of a label map for the prompts' label values, in ``(I, J, K)`` indices."""
+    return metrics.label_boxes(sitk.GetArrayViewFromImage(labels).transpose(2, 1, 0), prompts.label_values)
+
+
+def regions_in_both(fixed_boxes: dict, moving_boxes: dict, prompts: Prompts) -> list[str]:
+    """Names of the regions whose label value occurs in both label maps, from their :func:`label_boxes`."""
+    return [name for value, name in zip(prompts.label_values, prompts.region_names)
+            if fixed_boxes[value] is not None and moving_boxes[value] is not None]
 
 
 def check_input_images(fixed: sitk.Image, moving: sitk.Image) -> None:
@@ -817,12 +824,16 @@ def field_statistics(field: "FieldOutputs", region_mask=None) -> dict:
 def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts: Prompts) -> dict:
     """Dice and HD95 per region before, after and (with an initial alignment) after the initial alignment alone;
     means over all regions and over those present in both label maps (Learn2Reg's: an organ missing from one scan
-    cannot be aligned)."""
-    # each resampled label map is freed once scored: one full-size copy at a time
-    dice_before, hd_before = region_metrics(fixed_labels, resample_to_grid(moving_labels, fixed_labels, None,
-                                                                           "nearest", 0), prompts)
-    dice, hd = region_metrics(fixed_labels, warped_labels, prompts)
-    in_both = regions_in_both(fixed_labels, moving_labels, prompts)
+    cannot be aligned). The fixed map's label boxes are found once for the three comparisons."""
+    fixed_boxes = label_boxes(fixed_labels, prompts)
+    in_both = regions_in_both(fixed_boxes, label_boxes(moving_labels, prompts), prompts)
+    # each resampled label map is freed once scored: one full-size copy at a time; on the fixed grid already, the
+    # moving map is its own resampling
+    before = moving_labels if same_grid(fixed_labels, moving_labels) else resample_to_grid(
+        moving_labels, fixed_labels, None, "nearest", 0)
+    dice_before, hd_before = region_metrics(fixed_labels, before, prompts, fixed_boxes=fixed_boxes)
+    del before
+    dice, hd = region_metrics(fixed_labels, warped_labels, prompts, fixed_boxes=fixed_boxes)
     out = dict(
         dice=dice, hd95_mm=hd, dice_before=dice_before, hd95_mm_before=hd_before,
         mean_dice=metrics.mean_ignoring_nan(dice), mean_dice_before=metrics.mean_ignoring_nan(dice_before),
@@ -833,7 +844,7 @@ def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts
     )
     if init is not None:
         dice_init, _ = region_metrics(fixed_labels, resample_to_grid(moving_labels, fixed_labels, init, "nearest", 0),
-                                      prompts, hd95=False)  # only its mean Dice is reported
+                                      prompts, hd95=False, fixed_boxes=fixed_boxes)  # only its mean Dice is reported
         out["mean_dice_initial_alignment"] = metrics.mean_ignoring_nan(dice_init)
     return out
 
@@ -863,8 +874,10 @@ def field_outputs(u_model: np.ndarray, grid: ModelGrid, fixed: sitk.Image, init:
         with torch.inference_mode():
             d = deformation.Deformation(u_model, grid, fixed, init)
             jacobian, longest = d.jacobian(), d.max_length_mm()
-            warped = d.warp(moving, "linear", _background(moving))
-            labels = d.warp(moving_labels, "nearest", 0) if moving_labels is not None else None
+            images = [(moving, "linear", _background(moving))]
+            if moving_labels is not None:
+                images.append((moving_labels, "nearest", 0))
+            warped, labels = (d.warp_many(images) + [None])[:2]
             return FieldOutputs(d.total_image(release=True), jacobian, longest, warped, labels)
     deformable = resample_displacement(voxel_displacement_to_physical(u_model, grid), fixed)
     jac = metrics.jacobian_determinant(physical_displacement_to_voxel(deformable, fixed)).astype(np.float32)

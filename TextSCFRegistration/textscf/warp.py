@@ -68,19 +68,44 @@ def resize_field(field: torch.Tensor, size: tuple[int, int, int], rescale: bool 
 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
-    """Displacement of ``x -> x + first(x) + second(x + first(x))`` (apply ``first``, then ``second``)."""
-    return first + SpatialTransformer(padding_mode="border")(second, first)
+    """Displacement of ``x -> x + first(x) + second(x + first(x))`` (apply ``first``, then ``second``); ``second``
+    sampled trilinearly with border padding. Fields ``(B, 3, I, J, K)`` in voxels; a large field without gradients is
+    done slab by slab along I (:data:`COMPOSE_SLAB_VOXELS`), so no full-size sampling grid is built."""
+    size = first.shape[2:]
+    rows = max(1, COMPOSE_SLAB_VOXELS // (size[1] * size[2]))
+    if rows >= size[0] or torch.is_grad_enabled() and (first.requires_grad or second.requires_grad):
+        return first + SpatialTransformer(padding_mode="border")(second, first)
+    scale = torch.tensor([2.0 / max(n - 1, 1) for n in size], dtype=first.dtype, device=first.device)
+    axes = [torch.arange(n, dtype=first.dtype, device=first.device) for n in size]
+    out = torch.empty_like(first)
+    for start in range(0, size[0], rows):
+        stop = min(start + rows, size[0])
+        index = torch.stack(torch.meshgrid(axes[0][start:stop], axes[1], axes[2], indexing="ij"))  # (3, i, J, K)
+        where = (index[None] + first[:, :, start:stop]) * scale.view(1, 3, 1, 1, 1) - 1.0
+        grid = where.permute(0, 2, 3, 4, 1).flip(-1)  # grid_sample's (x, y, z) are the (K, J, I) axes
+        out[:, :, start:stop] = first[:, :, start:stop] + F.grid_sample(second, grid, mode="bilinear",
+                                                                        padding_mode="border", align_corners=True)
+    return out
 
 
-def invert(displacement: torch.Tensor, iterations: int = 20) -> torch.Tensor:
+#: Voxels per slab of :func:`compose` on large fields.
+COMPOSE_SLAB_VOXELS = 1 << 20
+
+
+def invert(displacement: torch.Tensor, iterations: int = 20, tolerance: float = 1e-4) -> torch.Tensor:
     """Displacement ``v`` of the inverse of ``x -> x + u(x)``, by the fixed-point iteration ``v(y) = -u(y + v(y))``
-    (border padding outside the grid).
+    (border padding outside the grid), until no voxel moves by more than ``tolerance`` voxels or after
+    ``iterations`` steps.
 
     The iteration contracts where the field's voxel gradient is below 1 in norm (every non-folding smooth field of
-    a registration); each step costs one trilinear sample of ``u``. Shapes and units as :func:`compose`.
+    a registration); each step is one :func:`compose` (slab by slab on large fields). Shapes and units as
+    :func:`compose`.
     """
-    sample = SpatialTransformer(padding_mode="border")
     inverse = -displacement
     for _ in range(iterations - 1):
-        inverse = -sample(displacement, inverse)
+        updated = inverse - compose(inverse, displacement)  # -u(y + v(y))
+        change = float((updated - inverse).abs().max())
+        inverse = updated
+        if change < tolerance:
+            break
     return inverse
