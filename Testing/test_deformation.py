@@ -164,3 +164,11 @@ def test_a_voxel_field_carried_between_grids():
     np.testing.assert_allclose(out[:, ~inside], truth[:, ~inside], atol=1e-4)  # the border value beyond
     with pytest.raises(InputError, match="same direction"):
         resample_voxel_field(u, source, ModelGrid(source.shape, source.spacing, source.origin))
+
+
+def test_a_field_on_the_fixed_grid_is_only_converted_to_mm(case):
+    fixed, _, _, _, _ = case
+    grid = ModelGrid.from_image(fixed)
+    u = random_smooth_displacement(grid.shape, (4, 4, 4), 3.0, 30.0, seed=2).astype(np.float32)
+    expected = np.einsum("ab,bijk->aijk", grid.index_to_physical_matrix, u)
+    np.testing.assert_allclose(Deformation(u, grid, fixed, None).field_mm().numpy(), expected, atol=1e-5)

@@ -76,21 +76,38 @@ def _linear_taps(position: np.ndarray, n: int) -> tuple[torch.Tensor, torch.Tens
     """Linear interpolation along one axis of ``n`` voxels at ``position`` (voxel indices), as :func:`sample` does:
     ``(first, second, w_first, w_second)``, clamped to the edge voxels within half a voxel beyond them and weight 0
     further out."""
+    nearest = np.round(position)
+    position = np.where(np.abs(position - nearest) < 1e-6, nearest, position)  # grid points stay exact (rounding)
     inside = (position >= -0.5) & (position < n - 0.5)
     q = np.clip(position, 0.0, n - 1.0)
     first = np.minimum(np.floor(q), max(n - 2, 0)).astype(np.int64)
     second = np.minimum(first + 1, n - 1)
-    w_second = np.where(inside, q - first, 0.0)
-    w_first = np.where(inside, 1.0 - (q - first), 0.0)
+    on_second = q - first == 1.0  # the last voxel: taken as the first tap, like every other grid point
+    first = np.where(on_second, second, first)
+    w_second = np.where(inside & ~on_second, q - first, 0.0)
+    w_first = np.where(inside, 1.0 - w_second, 0.0)
     return (torch.from_numpy(first), torch.from_numpy(second), torch.from_numpy(w_first.astype(np.float32)),
             torch.from_numpy(w_second.astype(np.float32)))
 
 
+def _picks_every_voxel(taps, n: int) -> bool:
+    """Whether :func:`_linear_taps`' taps sample an axis of ``n`` voxels at the voxels themselves."""
+    first, _, w_first, w_second = taps
+    return (len(first) == n and torch.equal(first, torch.arange(n)) and bool((w_first == 1).all())
+            and not bool(w_second.any()))
+
+
 def _interpolate_axis(volume: torch.Tensor, axis: int, taps) -> torch.Tensor:
-    """``volume`` resampled along ``axis`` by :func:`_linear_taps`' taps."""
+    """``volume`` resampled along ``axis`` by :func:`_linear_taps`' taps (``volume`` itself when they pick every voxel
+    as it is, e.g. a field already on the fixed grid)."""
+    if _picks_every_voxel(taps, volume.shape[axis]):
+        return volume
     first, second, w_first, w_second = taps
     shape = [1] * volume.dim()
     shape[axis] = -1
+    if not bool(w_second.any()):  # grid points only (e.g. a shift by whole voxels): one gather
+        picked = volume.index_select(axis, first)
+        return picked if bool((w_first == 1).all()) else picked.mul_(w_first.view(shape))
     return (volume.index_select(axis, first) * w_first.view(shape)).add_(
         volume.index_select(axis, second) * w_second.view(shape))
 
@@ -226,6 +243,8 @@ class Deformation:
         if np.abs(a - np.diag(np.diag(a))).max() <= 1e-9 * np.abs(a).max():
             taps = [_linear_taps(a[r, r] * np.arange(shape[r]) + b[r], g.shape[r]) for r in range(3)]
             volume = _interpolate_axis(_interpolate_axis(volume, 1, taps[1]), 2, taps[0])  # (K', J, I, 3)
+            if _picks_every_voxel(taps[2], volume.shape[0]):
+                return volume  # a field on the fixed grid already: converted to mm, nothing to interpolate
             first, second, w_first, w_second = taps[2]
             for rows in self._slabs():
                 out[rows.start:rows.stop] = _interpolate_axis(

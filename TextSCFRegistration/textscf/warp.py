@@ -103,9 +103,9 @@ def invert(displacement: torch.Tensor, iterations: int = 20, tolerance: float = 
     """
     inverse = -displacement
     for _ in range(iterations - 1):
-        updated = inverse - compose(inverse, displacement)  # -u(y + v(y))
-        change = float((updated - inverse).abs().max())
-        inverse = updated
+        step = compose(inverse, displacement).neg_()  # -u(y + v(y)) - v(y): the update, in place of one more field
+        change = float(torch.maximum(step.max(), -step.min()))
+        inverse = inverse + step if inverse.requires_grad or step.requires_grad else inverse.add_(step)
         if change < tolerance:
             break
     return inverse
