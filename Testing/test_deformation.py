@@ -172,3 +172,12 @@ def test_a_field_on_the_fixed_grid_is_only_converted_to_mm(case):
     u = random_smooth_displacement(grid.shape, (4, 4, 4), 3.0, 30.0, seed=2).astype(np.float32)
     expected = np.einsum("ab,bijk->aijk", grid.index_to_physical_matrix, u)
     np.testing.assert_allclose(Deformation(u, grid, fixed, None).field_mm().numpy(), expected, atol=1e-5)
+
+
+def test_a_field_shifted_by_whole_voxels_matches_the_itk_path(case):
+    fixed, _, _, _, _ = case
+    own = ModelGrid.from_image(fixed)
+    shifted = ModelGrid((30, 30, 40), own.spacing, own.index_to_physical([3.0, -2.0, 5.0]), own.direction)
+    u = random_smooth_displacement(shifted.shape, (4, 4, 4), 3.0, 30.0, seed=3).astype(np.float32)
+    reference = image_to_array(resample_displacement(voxel_displacement_to_physical(u, shifted), fixed))
+    np.testing.assert_allclose(Deformation(u, shifted, fixed, None).field_mm().numpy(), reference, atol=1e-4)
