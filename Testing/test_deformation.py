@@ -181,3 +181,18 @@ def test_a_field_shifted_by_whole_voxels_matches_the_itk_path(case):
     u = random_smooth_displacement(shifted.shape, (4, 4, 4), 3.0, 30.0, seed=3).astype(np.float32)
     reference = image_to_array(resample_displacement(voxel_displacement_to_physical(u, shifted), fixed))
     np.testing.assert_allclose(Deformation(u, shifted, fixed, None).field_mm().numpy(), reference, atol=1e-4)
+
+
+def test_nearest_sampling_keeps_the_label_type_and_rounds_half_up_like_itk():
+    import torch
+
+    from textscf.deformation import sample
+
+    labels = torch.arange(4 * 5 * 6, dtype=torch.int16).reshape(1, 4, 5, 6)  # (C, D, H, W)
+    # continuous indices (x, y, z) along (W, H, D): a tie (2.5 -> 3, half up), the edges' half voxels, beyond them
+    index = torch.tensor([[2.5, 1.0, 0.0], [-0.49, 0.0, 0.0], [5.49, 4.0, 3.0], [5.5, 0.0, 0.0], [0.0, -0.51, 1.0]])
+    coords = (2.0 * index / torch.tensor([5.0, 4.0, 3.0]) - 1.0).view(1, 1, 5, 3)
+    out = sample(labels, coords, "nearest", default=-7)
+    assert out.dtype == torch.int16 and out.shape == (1, 1, 1, 5)
+    expected = [labels[0, 0, 1, 3], labels[0, 0, 0, 0], labels[0, 3, 4, 5], -7, -7]
+    assert out.flatten().tolist() == [int(v) for v in expected]

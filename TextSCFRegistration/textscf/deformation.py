@@ -29,6 +29,8 @@ from textscf.errors import InputError
 from textscf.spatial import GridLike, ModelGrid, _as_grid
 
 SLAB_VOXELS = 1 << 20  # voxels per slab: few parallel regions for threads, temporaries of a few MB (no page-fault storm)
+#: Voxel types a nearest-neighbour warp keeps (torch indexes them); others are picked from a float32 copy.
+TORCH_INDEXABLE = tuple(np.dtype(t) for t in (np.uint8, np.int8, np.int16, np.int32, np.int64, np.float32, np.float64))
 
 
 def matrix_offset(transform: sitk.Transform | None) -> tuple[np.ndarray, np.ndarray] | None:
@@ -113,14 +115,19 @@ def _interpolate_axis(volume: torch.Tensor, axis: int, taps) -> torch.Tensor:
 
 
 def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", default: float = 0.0) -> torch.Tensor:
-    """``volume`` ``(C, I, J, K)`` sampled at ``coords`` ``(I', J', K', 3)`` (``grid_sample``'s convention, see
-    :func:`_sampling_coordinates`), as ITK's resampler does; returns ``(C, I', J', K')`` float32."""
+    """``volume`` ``(C, D, H, W)`` sampled at ``coords`` ``(D', H', W', 3)`` (``grid_sample``'s convention: components
+    (x, y, z) along (W, H, D), see :func:`_sampling_coordinates`), as ITK's resampler does: within half a voxel beyond
+    the edge voxels the edge value, further out ``default``. Returns ``(C, D', H', W')``: float32 for "linear";
+    for "nearest" the voxels themselves in ``volume``'s dtype (a label map is never converted to float), the nearest
+    voxel rounded half up like ITK's."""
     if mode not in ("linear", "nearest"):
         raise InputError(f"interpolation must be 'linear' or 'nearest', got {mode!r}.")
+    if mode == "nearest":
+        return _sample_nearest(volume, coords, default)
     size = np.asarray(volume.shape[1:], dtype=np.float64)[::-1]
     margin = 1.0 / np.maximum(size - 1.0, 1.0)  # half a voxel in grid_sample's units
-    out = F.grid_sample(volume[None].float(), coords[None], mode="bilinear" if mode == "linear" else "nearest",
-                        padding_mode="border", align_corners=True)[0]
+    out = F.grid_sample(volume[None].float(), coords[None], mode="bilinear", padding_mode="border",
+                        align_corners=True)[0]
     outside = None
     for r in range(3):
         c = coords[..., r]
@@ -131,6 +138,21 @@ def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", def
     if outside is not None:
         out.masked_fill_(outside[None], float(default))
     return out
+
+
+def _sample_nearest(volume: torch.Tensor, coords: torch.Tensor, default: float) -> torch.Tensor:
+    """:func:`sample`'s "nearest": one gather of the nearest voxels' values."""
+    sizes = volume.shape[1:][::-1]  # (W, H, D): the order of the coordinate components
+    flat = torch.zeros(coords.shape[:-1], dtype=torch.int64)
+    inside = torch.ones(coords.shape[:-1], dtype=torch.bool)
+    stride = 1
+    for r, n in enumerate(sizes):
+        index = torch.floor((coords[..., r] + 1.0) * (max(n - 1, 1) / 2.0) + 0.5)  # ITK: round half up
+        inside &= (index >= 0) & (index <= n - 1)
+        flat += index.clamp_(0, n - 1).long() * stride
+        stride *= n
+    values = volume.reshape(volume.shape[0], -1)[:, flat.reshape(-1)].reshape(volume.shape[0], *flat.shape)
+    return values.masked_fill_(~inside[None], default)
 
 
 def _gradient(v: torch.Tensor, axis: int) -> torch.Tensor:
@@ -242,14 +264,14 @@ class Deformation:
         out = torch.empty(*shape[::-1], 3, dtype=torch.float32)
         if np.abs(a - np.diag(np.diag(a))).max() <= 1e-9 * np.abs(a).max():
             taps = [_linear_taps(a[r, r] * np.arange(shape[r]) + b[r], g.shape[r]) for r in range(3)]
-            volume = _interpolate_axis(_interpolate_axis(volume, 1, taps[1]), 2, taps[0])  # (K', J, I, 3)
-            if _picks_every_voxel(taps[2], volume.shape[0]):
+            volume = _interpolate_axis(volume, 1, taps[1])  # (K', J, I', 3); K and I slab by slab below
+            if _picks_every_voxel(taps[2], volume.shape[0]) and _picks_every_voxel(taps[0], volume.shape[2]):
                 return volume  # a field on the fixed grid already: converted to mm, nothing to interpolate
             first, second, w_first, w_second = taps[2]
             for rows in self._slabs():
-                out[rows.start:rows.stop] = _interpolate_axis(
-                    volume, 0, (first[rows.start:rows.stop], second[rows.start:rows.stop],
-                                w_first[rows.start:rows.stop], w_second[rows.start:rows.stop]))
+                part = _interpolate_axis(volume, 0, (first[rows.start:rows.stop], second[rows.start:rows.stop],
+                                                     w_first[rows.start:rows.stop], w_second[rows.start:rows.stop]))
+                out[rows.start:rows.stop] = _interpolate_axis(part, 2, taps[0])
             return out
         a, b = _sampling_coordinates(a, b, g.shape)
         channels_first = volume.permute(3, 0, 1, 2)
@@ -307,35 +329,24 @@ class Deformation:
     def warp(self, moving: sitk.Image, interpolator: str = "linear", default: float = 0.0) -> sitk.Image:
         """``moving(initial(x + d(x)))`` on the fixed grid, in ``moving``'s pixel type (ITK's cast: truncation
         towards zero for integer types)."""
-        return self.warp_many([(moving, interpolator, default)])[0]
-
-    def warp_many(self, images: list[tuple[sitk.Image, str, float]]) -> list[sitk.Image]:
-        """:meth:`warp` of each ``(moving, interpolator, default)``; images on one grid (a scan and its label map)
-        share the sampling coordinates of each slab."""
-        for moving, _, _ in images:
-            if moving.GetNumberOfComponentsPerPixel() != 1 or moving.GetDimension() != 3:
-                raise InputError("only scalar 3-D images can be warped.")
-        grids = [ModelGrid.from_image(moving) for moving, _, _ in images]
-        volumes = [torch.from_numpy(np.array(sitk.GetArrayViewFromImage(moving), dtype=np.float32))[None]
-                   for moving, _, _ in images]  # (1, K, J, I): ITK's buffer order, no transpose (a writable copy)
-        outs = [np.empty(self.fixed_grid.shape[::-1], dtype=np.float32) for _ in images]
-        for grid in dict.fromkeys(grids):
-            members = [n for n, g in enumerate(grids) if g == grid]
-            to_moving = np.linalg.inv(grid.index_to_physical_matrix) @ self.initial_matrix
-            mf, of = self._fixed_affine()
-            a, b = _sampling_coordinates(to_moving @ mf, to_moving @ of + np.linalg.inv(grid.index_to_physical_matrix)
-                                         @ (self.initial_offset - np.asarray(grid.origin)), grid.shape)
-            to_coords = torch.as_tensor(_sampling_coordinates(to_moving, np.zeros(3), grid.shape)[0],
-                                        dtype=torch.float32)
-            for rows in self._slabs():
-                coords = _grid_points(rows, self.fixed_grid.shape, a, b).add_(
-                    self.d_mm[rows.start:rows.stop] @ to_coords.T)
-                for n in members:
-                    _, interpolator, default = images[n]
-                    outs[n][rows.start:rows.stop] = sample(volumes[n], coords, interpolator, default)[0].numpy()
-        results = []
-        for (moving, _, _), out in zip(images, outs):
-            img = sitk.GetImageFromArray(out)
-            self.fixed_grid.apply_to(img)
-            results.append(img if moving.GetPixelID() == sitk.sitkFloat32 else sitk.Cast(img, moving.GetPixelID()))
-        return results
+        if moving.GetNumberOfComponentsPerPixel() != 1 or moving.GetDimension() != 3:
+            raise InputError("only scalar 3-D images can be warped.")
+        grid = ModelGrid.from_image(moving)
+        to_moving = np.linalg.inv(grid.index_to_physical_matrix) @ self.initial_matrix
+        mf, of = self._fixed_affine()
+        a, b = _sampling_coordinates(to_moving @ mf, to_moving @ of + np.linalg.inv(grid.index_to_physical_matrix)
+                                     @ (self.initial_offset - np.asarray(grid.origin)), grid.shape)
+        to_coords = torch.as_tensor(_sampling_coordinates(to_moving, np.zeros(3), grid.shape)[0], dtype=torch.float32)
+        # (1, K, J, I): ITK's buffer order, no transpose; a writable float32 copy to interpolate, the voxels as
+        # they are (in a dtype torch indexes) to pick the nearest
+        voxels = sitk.GetArrayViewFromImage(moving)
+        dtype = np.float32 if interpolator == "linear" or voxels.dtype not in TORCH_INDEXABLE else voxels.dtype
+        volume = torch.from_numpy(np.array(voxels, dtype=dtype))[None]
+        out = np.empty(self.fixed_grid.shape[::-1], dtype=dtype)
+        for rows in self._slabs():
+            coords = _grid_points(rows, self.fixed_grid.shape, a, b).add_(self.d_mm[rows.start:rows.stop] @ to_coords.T)
+            out[rows.start:rows.stop] = sample(volume, coords, interpolator, default)[0].numpy()
+        del volume
+        img = sitk.GetImageFromArray(out)
+        self.fixed_grid.apply_to(img)
+        return img if img.GetPixelID() == moving.GetPixelID() else sitk.Cast(img, moving.GetPixelID())

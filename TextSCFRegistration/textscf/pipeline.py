@@ -874,10 +874,8 @@ def field_outputs(u_model: np.ndarray, grid: ModelGrid, fixed: sitk.Image, init:
         with torch.inference_mode():
             d = deformation.Deformation(u_model, grid, fixed, init)
             jacobian, longest = d.jacobian(), d.max_length_mm()
-            images = [(moving, "linear", _background(moving))]
-            if moving_labels is not None:
-                images.append((moving_labels, "nearest", 0))
-            warped, labels = (d.warp_many(images) + [None])[:2]
+            warped = d.warp(moving, "linear", _background(moving))
+            labels = d.warp(moving_labels, "nearest", 0) if moving_labels is not None else None
             return FieldOutputs(d.total_image(release=True), jacobian, longest, warped, labels)
     deformable = resample_displacement(voxel_displacement_to_physical(u_model, grid), fixed)
     jac = metrics.jacobian_determinant(physical_displacement_to_voxel(deformable, fixed)).astype(np.float32)
