@@ -110,8 +110,8 @@ def _interpolate_axis(volume: torch.Tensor, axis: int, taps) -> torch.Tensor:
     if not bool(w_second.any()):  # grid points only (e.g. a shift by whole voxels): one gather
         picked = volume.index_select(axis, first)
         return picked if bool((w_first == 1).all()) else picked.mul_(w_first.view(shape))
-    return (volume.index_select(axis, first) * w_first.view(shape)).add_(
-        volume.index_select(axis, second) * w_second.view(shape))
+    return volume.index_select(axis, first).mul_(w_first.view(shape)).addcmul_(
+        volume.index_select(axis, second), w_second.view(shape))
 
 
 def sample(volume: torch.Tensor, coords: torch.Tensor, mode: str = "linear", default: float = 0.0) -> torch.Tensor:
