@@ -182,9 +182,9 @@ def test_register_runs_the_network_through_the_inference_path(tiny_abdomen_check
         (null_moving, null_fixed, null_regions, _), _ = calls[1]
         assert torch.equal(null_moving, null_fixed) and torch.equal(null_fixed, calls[0][0][1])
         assert torch.equal(null_regions, calls[0][0][2])
-        assert "null_pair_response_max_voxels" in result.stats
+        assert result.stats["null_pair_correction"]["applied"]
     else:
-        assert "null_pair_response_max_voxels" not in result.stats
+        assert "null_pair_correction" not in result.stats
     # What register ran equals the checkpoint's training-time forward on the same inputs.
     (moving, fixed, regions, confidence), (displacement, _) = calls[0]
     net, _ = load_checkpoint(tiny_abdomen_checkpoint)
@@ -244,7 +244,8 @@ def test_the_same_image_as_fixed_and_moving_gets_a_zero_field(spacing):
     one_pass, _ = largest_mm(debias=False)
     debiased, stats = largest_mm()  # the default
     assert one_pass > 1.0  # mm: the network's bias is real
-    assert stats["null_pair_response_max_voxels"] > 0.1
+    assert stats["null_pair_correction"]["response_max_voxels"] > 0.1
+    assert stats["null_pair_correction"]["applied"] and stats["null_pair_correction"]["inverse_residual_voxels"] < 0.05
     assert debiased < 0.01, (one_pass, debiased)
 
 
@@ -254,5 +255,39 @@ def test_removing_a_zero_null_response_keeps_the_field():
     from textscf.pipeline import remove_null_response
 
     forward = np.random.default_rng(0).normal(size=(3, 8, 8, 8)).astype(np.float32)
-    np.testing.assert_allclose(remove_null_response(forward, np.zeros_like(forward)), forward, atol=1e-5)
+    field, residual = remove_null_response(forward, np.zeros_like(forward))
+    np.testing.assert_allclose(field, forward, atol=1e-5)
+    assert residual == 0.0
+
+
+def test_a_folding_null_response_is_not_applied(tiny_abdomen_checkpoint, monkeypatch):
+    """A network whose response to the null pair folds (no inverse) keeps its single pass, with a warning."""
+    import numpy as np
+
+    from textscf import pipeline
+    from textscf.phantom import make_example_pair
+
+    real_run = pipeline.run_network
+
+    def folding_null(net, pairs, device):
+        fields, note = real_run(net, pairs, device)
+        if len(pairs) == 2:  # the null pair's response: a fold-over of several voxels, alternating along i
+            shape = fields[1].shape
+            fields[1] = np.zeros(shape, np.float32)
+            fields[1][0] = np.where(np.arange(shape[1]) % 2 == 0, 3.0, -3.0)[:, None, None]
+        return fields, note
+
+    monkeypatch.setattr(pipeline, "run_network", folding_null)
+    pair = make_example_pair(seed=0, shape=(48, 40, 64), spacing=(8.0, 8.0, 8.0))
+    base = dict(checkpoint=str(tiny_abdomen_checkpoint), init="none", refine_iterations=0)
+    with pytest.warns(UserWarning, match="folds"):
+        result = pipeline.register(pair["fixed"], pair["moving"], pipeline.RegistrationOptions(**base),
+                                   fixed_labels=pair["fixed_labels"])
+    one_pass = pipeline.register(pair["fixed"], pair["moving"], pipeline.RegistrationOptions(**base, debias=False),
+                                 fixed_labels=pair["fixed_labels"])
+    correction = result.stats["null_pair_correction"]
+    assert not correction["applied"] and correction["inverse_residual_voxels"] > pipeline.NULL_INVERSE_TOLERANCE
+    import SimpleITK as sitk
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(result.displacement),
+                                  sitk.GetArrayFromImage(one_pass.displacement))
 

@@ -407,20 +407,31 @@ def run_network(net: TextSCFNet, pairs: list[tuple[np.ndarray, np.ndarray, np.nd
 
 def network_field(run: "_Run", inputs: "ModelInputs", debias: bool, stats: dict) -> tuple[np.ndarray, str | None]:
     """The network's voxel field ``(3, I, J, K)`` on ``inputs``' grid: its forward pass on the pair, with ``debias``
-    corrected by its response to the null pair (:func:`remove_null_response`; the largest length of that response
-    goes to ``stats["null_pair_response_max_voxels"]``). Returns (u, device note)."""
+    corrected by its response to the null pair (:func:`remove_null_response`; ``stats["null_pair_correction"]``
+    records the response's largest length and the inversion's residual, in voxels). Returns (u, device note)."""
     pair = (inputs.moving, inputs.fixed, inputs.regions, inputs.confidence)
     if not debias:
         fields, note = run_network(run.net, [pair], run.device)
         return fields[0], note
     null_pair = (inputs.fixed, inputs.fixed, inputs.regions, inputs.confidence)
     (forward, null), note = run_network(run.net, [pair, null_pair], run.device)
-    stats["null_pair_response_max_voxels"] = round(float(np.sqrt((null ** 2).sum(0)).max()), 4)
-    return remove_null_response(forward, null), note
+    field, residual = remove_null_response(forward, null)
+    applied = residual <= NULL_INVERSE_TOLERANCE
+    stats["null_pair_correction"] = {"applied": applied,
+                                     "response_max_voxels": round(float(np.sqrt((null ** 2).sum(0)).max()), 4),
+                                     "inverse_residual_voxels": round(residual, 4)}
+    if not applied:
+        warnings.warn(f"the network's response to the fixed image paired with itself folds (its inverse is off by "
+                      f"{residual:.2f} voxels), so it was not removed from the field: the network's single pass is "
+                      "used. A trained checkpoint gives a smooth response; check the model (--checkpoint), or use "
+                      "--no-debias to skip the second pass.", stacklevel=3)
+        return forward, note
+    return field, note
 
 
-def remove_null_response(forward: np.ndarray, null: np.ndarray) -> np.ndarray:
-    """The network's field ``forward`` for a pair with its response ``null`` to the null pair removed.
+def remove_null_response(forward: np.ndarray, null: np.ndarray) -> tuple[np.ndarray, float]:
+    """The network's field ``forward`` for a pair with its response ``null`` to the null pair removed, and how far the
+    inverse of ``null`` misses (largest ``|b(x) + v(x + b(x))|``, voxels; :data:`NULL_INVERSE_TOLERANCE`).
 
     The null pair is the fixed image registered to itself (same regions and confidence): its true field is zero, so
     what the network returns for it, ``b``, depends on the fixed image alone and is an error of the network. The
@@ -428,10 +439,17 @@ def remove_null_response(forward: np.ndarray, null: np.ndarray) -> np.ndarray:
     image; composing the inverse of the error before ``u`` removes it: ``x -> x + v(x) + u(x + v(x))`` with
     ``v = inverse(b)`` (:func:`textscf.warp.invert`, :func:`textscf.warp.compose`). The same image as fixed and
     moving then gets a zero field (up to the inversion's error); other pairs keep what depends on the moving image.
-    Fields ``(3, I, J, K)`` in voxels.
+    A folding ``b`` has no inverse: ``v`` then solves its own equation but does not bring ``x + b(x)`` back to ``x``,
+    and the residual stays large. Fields ``(3, I, J, K)`` in voxels.
     """
-    undo_bias = warp_fields.invert(torch.from_numpy(null)[None])
-    return warp_fields.compose(undo_bias, torch.from_numpy(forward)[None])[0].numpy()
+    error = torch.from_numpy(null)[None]
+    undo_bias = warp_fields.invert(error)
+    residual = float(warp_fields.compose(error, undo_bias).norm(dim=1).max())  # x -> x + b(x) -> back to x?
+    return warp_fields.compose(undo_bias, torch.from_numpy(forward)[None])[0].numpy(), residual
+
+
+#: Largest residual (voxels) of the null response's inverse for :func:`network_field` to apply the correction.
+NULL_INVERSE_TOLERANCE = 0.25
 
 
 def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts: Prompts,
