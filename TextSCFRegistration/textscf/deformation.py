@@ -261,12 +261,12 @@ class Deformation:
         to_mm = torch.as_tensor(g.index_to_physical_matrix, dtype=torch.float32)
         volume = torch.einsum("ab,bijk->kjia", to_mm, u).contiguous()  # (K', J', I', 3) mm on the model grid
         shape = self.fixed_grid.shape
-        out = torch.empty(*shape[::-1], 3, dtype=torch.float32)
         if np.abs(a - np.diag(np.diag(a))).max() <= 1e-9 * np.abs(a).max():
             taps = [_linear_taps(a[r, r] * np.arange(shape[r]) + b[r], g.shape[r]) for r in range(3)]
             volume = _interpolate_axis(volume, 1, taps[1])  # (K', J, I', 3); K and I slab by slab below
             if _picks_every_voxel(taps[2], volume.shape[0]) and _picks_every_voxel(taps[0], volume.shape[2]):
                 return volume  # a field on the fixed grid already: converted to mm, nothing to interpolate
+            out = torch.empty(*shape[::-1], 3, dtype=torch.float32)
             first, second, w_first, w_second = taps[2]
             for rows in self._slabs():
                 part = _interpolate_axis(volume, 0, (first[rows.start:rows.stop], second[rows.start:rows.stop],
@@ -274,7 +274,8 @@ class Deformation:
                 out[rows.start:rows.stop] = _interpolate_axis(part, 2, taps[0])
             return out
         a, b = _sampling_coordinates(a, b, g.shape)
-        channels_first = volume.permute(3, 0, 1, 2)
+        channels_first = volume.permute(3, 0, 1, 2).contiguous()  # (3, K', J', I') once, not per slab
+        out = torch.empty(*shape[::-1], 3, dtype=torch.float32)
         for rows in self._slabs():
             out[rows.start:rows.stop] = sample(channels_first, _grid_points(rows, shape, a, b), "linear",
                                                0.0).permute(1, 2, 3, 0)
