@@ -7,11 +7,11 @@ the ITK path in :mod:`textscf.spatial` (``voxel_displacement_to_physical`` → `
 ``compose_with_initial`` → ``warp_image``; ``metrics.jacobian_determinant``), which stays the reference and handles
 fields and transforms of any kind; the tests compare the two.
 
-Conventions (docs/ARCHITECTURE.md): arrays in ITK index order ``(I, J, K)``, fields ``(3, I, J, K)``, LPS mm,
+Conventions (docs/ARCHITECTURE.md): the model field comes in ITK index order, ``(3, I, J, K)``; LPS mm;
 resampling convention (a fixed point ``x`` maps to the moving point ``initial(x + d(x))``). Sampling follows ITK's
 resampler: a point within ``[-0.5, size - 0.5)`` voxels of an image on every axis is interpolated with the edge
-voxels clamped, a point beyond gets the default value. Nearest-neighbour ties (exactly half-way) may round the other
-way than ITK's.
+voxels clamped, a point beyond gets the default value; nearest-neighbour ties (exactly half-way) round up, as ITK's
+do, up to float32 rounding of the coordinates.
 
 Arrays are kept in ITK's buffer order ``(K, J, I)`` (what SimpleITK's array views give and take), so no full-size array
 is transposed, and work is done on slabs of its first axis (the fixed grid's K), so that the temporary coordinate

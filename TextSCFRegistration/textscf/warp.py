@@ -69,12 +69,11 @@ def resize_field(field: torch.Tensor, size: tuple[int, int, int], rescale: bool 
 
 def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """Displacement of ``x -> x + first(x) + second(x + first(x))`` (apply ``first``, then ``second``); ``second``
-    sampled trilinearly with border padding. Fields ``(B, 3, I, J, K)`` in voxels; a large field without gradients is
-    done slab by slab along I (:data:`COMPOSE_SLAB_VOXELS`), so no full-size sampling grid is built."""
+    sampled trilinearly with border padding (``grid_sample(align_corners=True)``, as :class:`SpatialTransformer`).
+    Fields ``(B, 3, I, J, K)`` in voxels, done slab by slab along I (:data:`COMPOSE_SLAB_VOXELS`), so no full-size
+    sampling grid is built."""
     size = first.shape[2:]
     rows = max(1, COMPOSE_SLAB_VOXELS // (size[1] * size[2]))
-    if rows >= size[0] or torch.is_grad_enabled() and (first.requires_grad or second.requires_grad):
-        return first + SpatialTransformer(padding_mode="border")(second, first)
     scale = torch.tensor([2.0 / max(n - 1, 1) for n in size], dtype=first.dtype, device=first.device)
     axes = [torch.arange(n, dtype=first.dtype, device=first.device) for n in size]
     out = torch.empty_like(first)
@@ -88,7 +87,7 @@ def compose(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     return out
 
 
-#: Voxels per slab of :func:`compose` on large fields.
+#: Voxels per slab of :func:`compose`.
 COMPOSE_SLAB_VOXELS = 1 << 20
 
 
@@ -98,7 +97,7 @@ def invert(displacement: torch.Tensor, iterations: int = 20, tolerance: float = 
     ``iterations`` steps.
 
     The iteration contracts where the field's voxel gradient is below 1 in norm (every non-folding smooth field of
-    a registration); each step is one :func:`compose` (slab by slab on large fields). Shapes and units as
+    a registration); each step is one :func:`compose`. Shapes and units as
     :func:`compose`.
     """
     inverse = -displacement
