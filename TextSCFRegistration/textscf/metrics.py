@@ -251,7 +251,7 @@ def _label_list(labels: Iterable[Any]) -> list[int]:
 def label_boxes(labels_map: np.ndarray, values: Iterable[Any]) -> dict[int, tuple[slice, ...] | None]:
     """Bounding box of each label value in ``labels_map`` (None where absent), in one pass over the volume
     (``scipy.ndimage.find_objects``; values <= 0 by their own mask). Give it to :func:`overlap_per_label` as
-    ``target_boxes`` when several maps are scored against one target."""
+    ``pred_boxes``/``target_boxes`` when the same map is scored more than once."""
     values = _label_list(values)
     positive = [v for v in values if v > 0]
     boxes: dict[int, tuple[slice, ...] | None] = {}
@@ -269,11 +269,12 @@ def label_boxes(labels_map: np.ndarray, values: Iterable[Any]) -> dict[int, tupl
     return boxes
 
 
-def _label_crops(pred: np.ndarray, target: np.ndarray, labels: list[int], margin: int, target_boxes=None):
+def _label_crops(pred: np.ndarray, target: np.ndarray, labels: list[int], margin: int, pred_boxes=None,
+                 target_boxes=None):
     """For each label: ``(label, pred == label, target == label)`` cropped to the label's joint bounding box in both
     maps grown by ``margin`` voxels (clipped to the volume); the masks are None when the label is in neither map.
     Only the boxes are compared, so the cost follows the labels' size, not the volume's."""
-    in_pred = label_boxes(pred, labels)
+    in_pred = label_boxes(pred, labels) if pred_boxes is None else pred_boxes
     in_target = label_boxes(target, labels) if target_boxes is None else target_boxes
     for label in labels:
         boxes = [b for b in (in_pred[label], in_target[label]) if b is not None]
@@ -292,6 +293,7 @@ def _channel(x: np.ndarray) -> torch.Tensor:
 
 
 def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Sequence[float] | None = None,
+                      pred_boxes: dict | None = None,
                       target_boxes: dict | None = None) -> tuple[dict[int, float], dict[int, float] | None]:
     """Dice per label and, given ``spacing``, the 95th-percentile symmetric Hausdorff distance per label (mm).
 
@@ -299,7 +301,8 @@ def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Se
         pred, target: ``(I, J, K)`` integer label maps on the same grid (e.g. warped moving labels, fixed labels).
         labels: label values to evaluate.
         spacing: ``(s_i, s_j, s_k)`` mm per voxel along the array axes (anisotropy honoured); None: no HD95.
-        target_boxes: ``label_boxes(target, labels)`` when already found (scoring several maps against one target).
+        pred_boxes, target_boxes: :func:`label_boxes` of ``pred`` and ``target`` for ``labels``, when already found
+            (e.g. several maps scored against one target).
 
     Returns:
         ``({label: dice}, {label: hd95_mm} or None)``. Dice is NaN when the label is absent from both maps, 0 when it
@@ -316,7 +319,7 @@ def overlap_per_label(pred: Any, target: Any, labels: Iterable[Any], spacing: Se
     dice: dict[int, float] = {}
     hd: dict[int, float] | None = None if s is None else {}
     for label, a, b in _label_crops(p, t, _label_list(labels), margin=0 if s is None else HD95_CROP_MARGIN,
-                                    target_boxes=target_boxes):
+                                    pred_boxes=pred_boxes, target_boxes=target_boxes):
         if a is None:
             dice[label] = math.nan
         else:

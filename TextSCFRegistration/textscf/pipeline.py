@@ -453,22 +453,26 @@ NULL_INVERSE_TOLERANCE = 0.25
 
 
 def region_metrics(fixed_labels: sitk.Image, warped_labels: sitk.Image, prompts: Prompts,
-                   hd95: bool = True, fixed_boxes: dict | None = None) -> tuple[dict, dict | None]:
+                   hd95: bool = True, fixed_boxes: dict | None = None,
+                   warped_boxes: dict | None = None) -> tuple[dict, dict | None]:
     """Dice and HD95 (mm; None with ``hd95=False``) per region name between two label maps on the same grid;
-    ``fixed_boxes``: :func:`label_boxes` of ``fixed_labels``, when already found."""
-    fixed_arr = sitk.GetArrayViewFromImage(fixed_labels).transpose(2, 1, 0)  # (I, J, K) views: no full-size copies
-    moving_arr = sitk.GetArrayViewFromImage(warped_labels).transpose(2, 1, 0)
+    ``fixed_boxes``, ``warped_boxes``: their :func:`label_boxes`, when already found."""
     spacing = fixed_labels.GetSpacing()
-    dice, hd = metrics.overlap_per_label(moving_arr, fixed_arr, prompts.label_values, spacing if hd95 else None,
-                                         target_boxes=fixed_boxes)
+    dice, hd = metrics.overlap_per_label(_ijk_view(warped_labels), _ijk_view(fixed_labels), prompts.label_values,
+                                         spacing if hd95 else None, pred_boxes=warped_boxes, target_boxes=fixed_boxes)
     by_name = dict(zip(prompts.label_values, prompts.region_names))
     return ({by_name[v]: float(d) for v, d in dice.items()},
             None if hd is None else {by_name[v]: float(h) for v, h in hd.items()})
 
 
+def _ijk_view(labels: sitk.Image) -> np.ndarray:
+    """The label map's voxels as an ``(I, J, K)`` view (no full-size copy)."""
+    return sitk.GetArrayViewFromImage(labels).transpose(2, 1, 0)
+
+
 def label_boxes(labels: sitk.Image, prompts: Prompts) -> dict:
     """:func:`textscf.metrics.label_boxes` of a label map for the prompts' label values, in ``(I, J, K)`` indices."""
-    return metrics.label_boxes(sitk.GetArrayViewFromImage(labels).transpose(2, 1, 0), prompts.label_values)
+    return metrics.label_boxes(_ijk_view(labels), prompts.label_values)
 
 
 def regions_in_both(fixed_boxes: dict, moving_boxes: dict, prompts: Prompts) -> list[str]:
@@ -843,14 +847,17 @@ def overlap_statistics(fixed_labels, moving_labels, warped_labels, init, prompts
     """Dice and HD95 per region before, after and (with an initial alignment) after the initial alignment alone;
     means over all regions and over those present in both label maps (Learn2Reg's: an organ missing from one scan
     cannot be aligned). The fixed map's label boxes are found once for the three comparisons."""
-    fixed_boxes = label_boxes(fixed_labels, prompts)
-    in_both = regions_in_both(fixed_boxes, label_boxes(moving_labels, prompts), prompts)
+    fixed_boxes, moving_boxes = label_boxes(fixed_labels, prompts), label_boxes(moving_labels, prompts)
+    in_both = regions_in_both(fixed_boxes, moving_boxes, prompts)
     # each resampled label map is freed once scored: one full-size copy at a time; on the fixed grid already, the
-    # moving map is its own resampling
-    before = moving_labels if same_grid(fixed_labels, moving_labels) else resample_to_grid(
-        moving_labels, fixed_labels, None, "nearest", 0)
-    dice_before, hd_before = region_metrics(fixed_labels, before, prompts, fixed_boxes=fixed_boxes)
-    del before
+    # moving map is its own resampling (and its boxes are known)
+    if same_grid(fixed_labels, moving_labels):
+        dice_before, hd_before = region_metrics(fixed_labels, moving_labels, prompts, fixed_boxes=fixed_boxes,
+                                                warped_boxes=moving_boxes)
+    else:
+        dice_before, hd_before = region_metrics(fixed_labels, resample_to_grid(moving_labels, fixed_labels, None,
+                                                                               "nearest", 0), prompts,
+                                                fixed_boxes=fixed_boxes)
     dice, hd = region_metrics(fixed_labels, warped_labels, prompts, fixed_boxes=fixed_boxes)
     out = dict(
         dice=dice, hd95_mm=hd, dice_before=dice_before, hd95_mm_before=hd_before,
