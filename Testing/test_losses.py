@@ -220,3 +220,21 @@ def test_mind_descriptors_ignore_contrast_and_see_misalignment():
         mind_ssc(torch.zeros(1, 2, 8, 8, 8))
     with pytest.raises(InputError, match="dilation"):
         mind_ssc(image, dilation=0)
+
+
+def test_registration_loss_keeps_the_fixed_window_statistics_while_the_fixed_image_is_the_same():
+    from textscf.losses import RegistrationLoss, local_ncc_loss
+
+    g = torch.Generator().manual_seed(0)
+    fixed, other = torch.rand((1, 1, 12, 10, 14), generator=g), torch.rand((1, 1, 12, 10, 14), generator=g)
+    warped = torch.rand((1, 1, 12, 10, 14), generator=g)
+    field = torch.zeros(1, 3, 12, 10, 14)
+    loss = RegistrationLoss("ncc", dice_weight=0.0, smooth_weight=0.0, ncc_window=5)
+    first, _ = loss(warped, fixed, field)
+    kept = loss._ncc
+    again, _ = loss(warped, fixed, field)
+    assert loss._ncc is kept and torch.equal(first, again)
+    torch.testing.assert_close(first, local_ncc_loss(warped, fixed, 5))
+    changed, _ = loss(warped, other, field)  # another fixed image: its own statistics
+    assert loss._ncc is not kept
+    torch.testing.assert_close(changed, local_ncc_loss(warped, other, 5))

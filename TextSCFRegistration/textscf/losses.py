@@ -259,6 +259,7 @@ class RegistrationLoss(nn.Module):
         self.dice_weight = float(dice_weight)
         self.smooth_weight = float(smooth_weight)
         self.ncc_window = _check_window(ncc_window)
+        self._ncc: LocalNCC | None = None  # the last fixed image's window statistics (refinement: one fixed image)
 
     def forward(self, warped: torch.Tensor, fixed: torch.Tensor, field: torch.Tensor,
                 warped_labels_onehot: torch.Tensor | None = None,
@@ -281,7 +282,9 @@ class RegistrationLoss(nn.Module):
         elif self.similarity == "mind":
             sim = mind_loss(warped, fixed)
         else:
-            sim = local_ncc_loss(warped, fixed, self.ncc_window)
+            if self._ncc is None or self._ncc.fixed is not fixed:
+                self._ncc = LocalNCC(fixed, self.ncc_window)
+            sim = self._ncc(warped)
         smooth = self.smooth_weight * gradient_loss(field)
         total = sim + smooth
         components = {"similarity": float(sim.detach()), "smooth": float(smooth.detach())}
