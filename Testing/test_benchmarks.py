@@ -134,3 +134,63 @@ def test_benchmark_variants_change_one_option_each_even_the_checkpoint():
     assert defaults.checkpoint == network4.checkpoint == "new.pt" and network4.refine_iterations == 4
     assert previous.checkpoint.endswith("abdomen-ct-onehot-ns8.pt") and previous.refine_iterations is None
     assert (rb.MODELS / "abdomen-ct-onehot-ns8.pt").is_file()
+
+
+def test_gpu_run_script_runs_its_checks_on_the_cpu(tmp_path):
+    """benchmarks/gpu_run.sh, the prepared GPU check, runs end to end here with TEXTSCF_DEVICE=cpu on tiny grids:
+    the versions, the inference comparison and both end-to-end pipeline runs (SwinUNETR segmentation included)."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path), TEXTSCF_DEVICE="cpu", TEXTSCF_QUICK="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "inference.json", "inference.md", "pipeline.json", "pipeline.md", "pipeline_bundled_grid.md", "versions.txt"]
+    versions = (tmp_path / "versions.txt").read_text()
+    assert "SimpleITK" in versions and "monai" in versions and "no GPU" in versions
+    inference = json.loads((tmp_path / "inference.json").read_text())
+    assert {row["model"] for row in inference["rows"]} == {"reference", "bundled"}
+    assert all(row["device"] == "cpu" and row["max_diff_displacement"] < 1e-4 for row in inference["rows"])
+    pipeline = json.loads((tmp_path / "pipeline.json").read_text())
+    for run in pipeline["runs"].values():
+        assert run["segmentor"] == "SwinUNETR feature size 12, random weights"
+        assert run["seconds_per_stage"]["segment fixed image"] > 0
+        assert run["mean_dice"] is None  # no fixed label map: the segmentor gave the regions
+        assert run["gpu_peak_per_stage_bytes"] == {} and run["gpu_peak_bytes"] is None
+    assert "fixed regions from a random-init SwinUNETR" in (tmp_path / "pipeline_bundled_grid.md").read_text()
+    assert "model grid 16x16x16" in (tmp_path / "pipeline_bundled_grid.md").read_text()
+
+
+def test_pipeline_resources_table_adds_gpu_memory_columns_when_a_gpu_ran():
+    run = {"peak_before_register_bytes": 2 ** 30, "seconds_per_stage": {"load model": 0.5, "register": 1.25},
+           "peak_per_stage_bytes": {"load model": 2 ** 30, "register": 3 * 2 ** 30}, "seconds_total": 1.75,
+           "peak_whole_process_bytes": 3 * 2 ** 30}
+    cpu_table = pipeline_resources.markdown_table([("forward", run)])
+    assert "GPU" not in cpu_table
+    assert "| register | 1.25 | 3.00 |" in cpu_table
+    gpu_run = dict(run, gpu_peak_per_stage_bytes={"load model": 2 ** 29, "register": 5 * 2 ** 30},
+                   gpu_peak_bytes=5 * 2 ** 30)
+    gpu_table = pipeline_resources.markdown_table([("forward", gpu_run)])
+    assert "| stage | forward: s | forward: peak RSS GiB | forward: peak GPU GiB |" in gpu_table
+    assert "| load model | 0.50 | 1.00 | 0.50 |" in gpu_table
+    assert "| register | 1.25 | 3.00 | 5.00 |" in gpu_table
+    assert "| **whole register() / whole process** | **1.75** | **3.00** | **5.00** |" in gpu_table
+    assert "| before register (interpreter, torch, inputs) | — | 1.00 | — |" in gpu_table
+
+
+def test_conv_precision_split_bf16_keeps_float32_accuracy(capsys):
+    """benchmarks/conv_precision.py: the three-product bfloat16 convolution is within the inference path's 1e-4 of
+    float64 (what would make it usable), like float32; every layer gets a table row."""
+    from benchmarks import conv_precision
+
+    rows = conv_precision.main(["--scale", "0.2", "--repeats", "1", "--threads", "1"])
+    assert [r["layer"] for r in rows] == [name for name, *_ in conv_precision.LAYERS]
+    for r in rows:
+        assert r["float32"]["max_error"] < 1e-4
+        assert r["bf16 x3"]["max_error"] < 1e-4
+        assert all(r[v]["seconds"] > 0 for v in ("float32", "bf16 math", "bf16 x3"))
+    assert capsys.readouterr().out.count("| decoder 3^3, 32 -> 32") == 1

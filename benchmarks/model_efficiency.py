@@ -55,6 +55,7 @@ Usage::
     python benchmarks/model_efficiency.py --quick         # abdomen only, N_s 8 and 16
     python benchmarks/model_efficiency.py --json out.json
     python benchmarks/model_efficiency.py --inference --inference-threads 1,2 --compile   # inference path vs eager
+    python benchmarks/model_efficiency.py --inference --device cuda      # the same on a GPU, with peak GPU memory
 """
 from __future__ import annotations
 
@@ -278,6 +279,7 @@ def environment(threads: int) -> dict:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 
@@ -319,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inference-threads", type=_parse_ints, default=[2],
                    help="comma list of intra-op thread counts for --inference (default 2)")
     p.add_argument("--compile", action="store_true", help="with --inference: also time torch.compile of the folded net")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="with --inference: run the networks on this device (default cpu; cuda also reports peak GPU "
+                        "memory)")
     return p
 
 
@@ -555,6 +560,8 @@ class InferenceRow:
     max_diff_displacement: float = 0.0
     max_diff_warped: float = 0.0
     max_diff_compiled: float | None = None
+    device: str = "cpu"
+    gpu_peak_bytes: dict = field(default_factory=dict)  # run label -> peak CUDA memory allocated by one call
 
     def median(self, run: str) -> float | None:
         return statistics.median(self.seconds[run]) if self.seconds.get(run) else None
@@ -599,18 +606,42 @@ def inference_model(name: str, shape_override=None):
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(INFERENCE_MODELS)}")
 
 
-def _timed(fn) -> tuple[float, object]:
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn, device: torch.device = torch.device("cpu")) -> tuple[float, object]:
+    """Wall-clock seconds of ``fn()`` and its result; on a GPU the queued kernels are waited for before and after."""
+    _synchronize(device)
     start = time.perf_counter()
     out = fn()
+    _synchronize(device)
     return time.perf_counter() - start, out
 
 
+def _gpu_peak(fn, device: torch.device) -> int:
+    """Peak CUDA memory allocated while ``fn()`` runs on the GPU ``device`` (bytes)."""
+    _synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    _synchronize(device)
+    return int(torch.cuda.max_memory_allocated(device))
+
+
 def compare_inference(name: str, threads_list: list[int], repeats: int, compile_too: bool,
-                      shape_override=None) -> list[InferenceRow]:
-    """One row per thread count: every run of :data:`INFERENCE_RUNS` timed round-robin after an untimed warm-up."""
+                      shape_override=None, device: str = "cpu") -> list[InferenceRow]:
+    """One row per thread count: every run of :data:`INFERENCE_RUNS` timed round-robin after an untimed warm-up.
+    ``device``: where the networks and inputs live ("cpu" or "cuda"; on a GPU the thread count only sets the CPU
+    side, and each row also records every run's peak GPU memory)."""
     from textscf.networks.inference import for_inference
 
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU here")
     net, inputs = inference_model(name, shape_override)
+    net = net.to(device)
+    inputs = tuple(None if t is None else t.to(device) for t in inputs)
     inference = for_inference(net)
     contiguous = for_inference(net, torch.contiguous_format)
 
@@ -624,8 +655,10 @@ def compare_inference(name: str, threads_list: list[int], repeats: int, compile_
     rows = []
     for threads in threads_list:
         torch.set_num_threads(threads)
-        row = InferenceRow(name, tuple(inputs[0].shape[2:]), threads, {run: [] for run in runs})
+        row = InferenceRow(name, tuple(inputs[0].shape[2:]), threads, {run: [] for run in runs}, device=str(device))
         outputs = {run: fn() for run, fn in runs.items()}  # warm-up (MONAI's grid caches, oneDNN primitives)
+        if device.type == "cuda":
+            row.gpu_peak_bytes = {run: _gpu_peak(fn, device) for run, fn in runs.items()}
         expected, ours = outputs["eager"], outputs["inference"]
         row.max_abs_displacement = float(expected.displacement.abs().max())
         row.max_diff_displacement = float(max((ours.displacement - expected.displacement).abs().max(),
@@ -645,7 +678,7 @@ def compare_inference(name: str, threads_list: list[int], repeats: int, compile_
                 with inductor_config.patch(freezing=True, fx_graph_cache=False):
                     return compiled_net(*inputs)
 
-            seconds, out = _timed(compiled)
+            seconds, out = _timed(compiled, device)
             if compile_seconds is None:
                 compile_seconds = seconds
             row.compile_first_call_seconds = compile_seconds
@@ -654,8 +687,9 @@ def compare_inference(name: str, threads_list: list[int], repeats: int, compile_
             row.seconds["compiled"] = []
         for _ in range(repeats):
             for run, fn in runs.items():
-                row.seconds[run].append(_timed(fn)[0])
-        print(f"  {name} {'x'.join(map(str, row.shape))}, {threads} threads: eager {row.median('eager'):.2f} s, "
+                row.seconds[run].append(_timed(fn, device)[0])
+        print(f"  {name} {'x'.join(map(str, row.shape))} on {device}, {threads} threads: "
+              f"eager {row.median('eager'):.2f} s, "
               f"inference path {row.median('inference'):.2f} s ({row.ratio('inference'):.2f}x)", flush=True)
         rows.append(row)
     return rows
@@ -666,16 +700,22 @@ def inference_table(rows: list[InferenceRow]) -> str:
         t = row.median(run)
         return "—" if t is None else f"{t:.2f} ({row.ratio(run):.2f}x)"
 
-    lines = ["| model | grid | threads | eager s | inference path s (x eager) | field only s (x eager) "
-             "| contiguous format s (x eager) | torch.compile s (x eager) | max abs u | max diff u | max diff warped |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    gpu = any(r.gpu_peak_bytes for r in rows)
+    lines = ["| model | grid | device | threads | eager s | inference path s (x eager) | field only s (x eager) "
+             "| contiguous format s (x eager) | torch.compile s (x eager) | max abs u | max diff u | max diff warped |"
+             + (" peak GPU GiB eager / field only |" if gpu else ""),
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if gpu else "")]
     for r in rows:
         compiled = cell(r, "compiled")
         if r.compile_first_call_seconds is not None:
             compiled += f", first call {r.compile_first_call_seconds:.0f}"
-        lines.append(f"| {r.model} | {'x'.join(map(str, r.shape))} | {r.threads} | {r.median('eager'):.2f} | "
-                     f"{cell(r, 'inference')} | {cell(r, 'field')} | {cell(r, 'contiguous')} | {compiled} | "
-                     f"{r.max_abs_displacement:.3g} | {_max_diff(r):.2g} | {r.max_diff_warped:.2g} |")
+        line = (f"| {r.model} | {'x'.join(map(str, r.shape))} | {r.device} | {r.threads} | {r.median('eager'):.2f} | "
+                f"{cell(r, 'inference')} | {cell(r, 'field')} | {cell(r, 'contiguous')} | {compiled} | "
+                f"{r.max_abs_displacement:.3g} | {_max_diff(r):.2g} | {r.max_diff_warped:.2g} |")
+        if gpu:
+            peaks = r.gpu_peak_bytes
+            line += (f" {peaks['eager'] / 2 ** 30:.2f} / {peaks['field'] / 2 ** 30:.2f} |" if peaks else " — |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -689,11 +729,13 @@ def inference_main(args) -> dict:
     env = environment(torch.get_num_threads())
     started = time.perf_counter()
     print(f"# Inference path vs eager forward\n\nCPU: {env['cpu']} ({env['logical_cpus']} logical CPUs), torch "
-          f"{env['torch']}, load average {env['load_average_1_5_15']} at start; {args.repeats} timed runs per entry "
-          "(median), round-robin.\n", flush=True)
+          f"{env['torch']}, load average {env['load_average_1_5_15']} at start; device {args.device}"
+          f"{' (' + env['gpu'] + ')' if args.device == 'cuda' and env['gpu'] else ''}; {args.repeats} timed runs per "
+          "entry (median), round-robin.\n", flush=True)
     rows: list[InferenceRow] = []
     for name in models:
-        rows.extend(compare_inference(name, args.inference_threads, args.repeats, args.compile, args.shape))
+        rows.extend(compare_inference(name, args.inference_threads, args.repeats, args.compile, args.shape,
+                                      args.device))
     table = inference_table(rows)
     print("\n" + table + "\n")
     for run, what in INFERENCE_RUNS.items():

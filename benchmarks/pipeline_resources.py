@@ -1,4 +1,4 @@
-"""Per-stage time and peak memory of ``textscf.pipeline.register`` on the CPU, side by side in one run.
+"""Per-stage time and peak memory of ``textscf.pipeline.register`` on the CPU (or a GPU), side by side in one run.
 
 Worst case for the abdomen: a phantom pair at the BTCV geometry (192 x 160 x 256 voxels of 2 mm, two different
 subjects made with ``make_abdomen_phantom(..., variation=0.6)``, seeds 0 and 1) and a randomly initialised textSCF
@@ -14,6 +14,12 @@ Three runs of ``register`` (all with the fixed and moving label maps, so Dice/HD
 3. ``refine N``: instance optimisation, ``refine_iterations=N`` (default 2), to show what one refinement iteration
    (forward + backward + Adam step at full resolution) costs in time and memory.
 
+``--segmentor`` gives register() no fixed label map, so the segmentation stage runs a randomly initialised MONAI
+SwinUNETR (sliding window, its own 1.5 x 1.5 x 2 mm grid) as it would for a user without labels: segmentation +
+network + outputs, end to end (no Dice then: the moving labels alone only warp). ``--device cuda`` runs the networks on
+the GPU and also reports the peak GPU memory per stage (``torch.cuda.max_memory_allocated``, reset at every stage
+boundary); the stages' times then include waiting for the GPU, since every stage ends by reading its result back.
+
 Each run happens in a fresh Python subprocess, so runs do not share memory. Inside the child, peak resident memory
 is read from ``/proc/self/status`` (``VmHWM``); the child resets the high-water mark at every stage boundary by
 writing ``5`` to ``/proc/self/clear_refs`` (Linux), so each stage gets its own peak; the whole-process peak is the
@@ -25,6 +31,7 @@ Usage::
     python benchmarks/pipeline_resources.py                          # 192x160x256 at 2 mm (a few minutes on 2 cores)
     python benchmarks/pipeline_resources.py --shape 96,80,128 --spacing 4,4,4
     python benchmarks/pipeline_resources.py --json out.json --threads 2
+    python benchmarks/pipeline_resources.py --device cuda --segmentor      # on a GPU, segmentation included
 """
 from __future__ import annotations
 
@@ -104,13 +111,19 @@ def child_main(spec: dict) -> dict:
     moving = sitk.ReadImage(str(work / "moving.mha"))
     fixed_labels = sitk.ReadImage(str(work / "fixed_labels.mha"))
     moving_labels = sitk.ReadImage(str(work / "moving_labels.mha"))
-    options = RegistrationOptions(checkpoint=str(work / "model.pt"), device="cpu",
+    segmentor = spec.get("segmentor_feature_size")
+    device = torch.device(spec.get("device", "cpu"))
+    on_gpu = device.type == "cuda"
+    options = RegistrationOptions(checkpoint=str(work / "model.pt"), device=str(device),
                                   init="center", refine_iterations=int(spec["refine_iterations"]), seed=0,
-                                  debias=bool(spec.get("debias", True)))
+                                  debias=bool(spec.get("debias", True)),
+                                  segmentor_weights=str(work / "segmentor.pt") if segmentor else None,
+                                  segmentor_feature_size=int(segmentor or 48))
     rss_before = _status_bytes("VmRSS")
     peak_before = _peak_bytes()
     resettable = _reset_peak()
     peaks: dict[str, int] = {}
+    gpu_peaks: dict[str, int] = {}
     current: list[str | None] = [None]
 
     def on_progress(stage: str, _fraction: float) -> None:
@@ -118,11 +131,15 @@ def child_main(spec: dict) -> dict:
             peaks[current[0]] = _peak_bytes()
             if resettable:
                 _reset_peak()
+            if on_gpu:
+                gpu_peaks[current[0]] = int(torch.cuda.max_memory_allocated(device))
+        if on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
         current[0] = None if stage == "done" else stage
 
     start = time.perf_counter()
-    result = register(fixed, moving, options, fixed_labels=fixed_labels, moving_labels=moving_labels,
-                      progress=on_progress)
+    result = register(fixed, moving, options, fixed_labels=None if segmentor else fixed_labels,
+                      moving_labels=moving_labels, progress=on_progress)
     wall = time.perf_counter() - start
     peak_tail = _peak_bytes()  # from "done" to here (building the result object)
     stats = result.stats
@@ -139,6 +156,10 @@ def child_main(spec: dict) -> dict:
         "mean_dice_initial_alignment": stats.get("mean_dice_initial_alignment"),
         "model_grid": stats.get("model_grid"),
         "device": stats.get("device"),
+        "gpu": torch.cuda.get_device_name(device) if on_gpu else None,
+        "gpu_peak_per_stage_bytes": gpu_peaks,
+        "gpu_peak_bytes": max(gpu_peaks.values(), default=None),
+        "segmentor": f"SwinUNETR feature size {segmentor}, random weights" if segmentor else None,
         "rss_after_imports_bytes": rss_after_imports,
         "rss_before_register_bytes": rss_before,
         "peak_before_register_bytes": peak_before,
@@ -153,8 +174,9 @@ def child_main(spec: dict) -> dict:
 
 
 def prepare_inputs(workdir: Path, shape, spacing, model_shape, start_channels: int, hidden: int,
-                   variation: float) -> dict:
-    """Phantom pair, label maps and a random-init checkpoint whose model grid is ``model_shape`` at ``spacing``."""
+                   variation: float, segmentor_feature_size: int | None = None) -> dict:
+    """Phantom pair, label maps and a random-init checkpoint whose model grid is ``model_shape`` at ``spacing``; with
+    ``segmentor_feature_size``, also a random-init SwinUNETR state dict (``segmentor.pt``) for the BTCV classes."""
     import SimpleITK as sitk
 
     from textscf.checkpoint import save_checkpoint
@@ -171,12 +193,21 @@ def prepare_inputs(workdir: Path, shape, spacing, model_shape, start_channels: i
                       start_channels=start_channels, hidden_channels=hidden, head="textscf", modality="ct",
                       spacing=spacing, input_shape=model_shape, direction=PHANTOM_DIRECTION, seed=0)
     save_checkpoint(net, workdir / "model.pt", metadata={"note": "random initialisation, benchmark only"})
+    if segmentor_feature_size:
+        import torch
+        from monai.networks.nets import SwinUNETR
+
+        torch.manual_seed(0)
+        swin = SwinUNETR(in_channels=1, out_channels=len(BTCV_ORGANS) + 1, feature_size=segmentor_feature_size)
+        torch.save(swin.state_dict(), workdir / "segmentor.pt")
     return {"seconds_to_prepare": round(time.perf_counter() - start, 1),
             "params": sum(p.numel() for p in net.parameters())}
 
 
-def run_child(workdir: Path, refine_iterations: int, threads: int | None, debias: bool = True) -> dict:
-    spec = {"workdir": str(workdir), "refine_iterations": refine_iterations, "threads": threads, "debias": debias}
+def run_child(workdir: Path, refine_iterations: int, threads: int | None, debias: bool = True, device: str = "cpu",
+              segmentor_feature_size: int | None = None) -> dict:
+    spec = {"workdir": str(workdir), "refine_iterations": refine_iterations, "threads": threads, "debias": debias,
+            "device": device, "segmentor_feature_size": segmentor_feature_size}
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     start = time.perf_counter()
@@ -201,21 +232,32 @@ def _num(x) -> str:
 
 
 def markdown_table(runs: list[tuple[str, dict]]) -> str:
-    head = "| stage | " + " | ".join(f"{name}: s | {name}: peak RSS GiB" for name, _ in runs) + " |"
-    sep = "|---|" + "---:|---:|" * len(runs)
+    """Seconds and peak RSS per stage for each run, and peak GPU memory where the runs used a GPU."""
+    gpu = any(r.get("gpu_peak_per_stage_bytes") for _, r in runs)
+    columns = ("s", "peak RSS GiB", "peak GPU GiB") if gpu else ("s", "peak RSS GiB")
+    head = "| stage | " + " | ".join(f"{name}: {c}" for name, _ in runs for c in columns) + " |"
+    sep = "|---|" + "---:|" * len(columns) * len(runs)
     lines = [head, sep]
-    lines.append("| before register (interpreter, torch, inputs) | " + " | ".join(
-        f"— | {_gib(r['peak_before_register_bytes'])}" for _, r in runs) + " |")
+
+    def row(label: str, cells) -> str:
+        return f"| {label} | " + " | ".join(cells) + " |"
+
+    before = [c for _, r in runs for c in ("—", _gib(r["peak_before_register_bytes"]), "—")[:len(columns)]]
+    lines.append(row("before register (interpreter, torch, inputs)", before))
     stages = list(dict.fromkeys(stage for _, r in runs for stage in r["seconds_per_stage"]))  # register()'s order
     for stage in stages:
         cells = []
         for _, r in runs:
             seconds = r["seconds_per_stage"].get(stage)
-            cells.append(f"{seconds:.2f} | {_gib(r['peak_per_stage_bytes'].get(stage))}" if seconds is not None
-                         else "— | —")
-        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
-    lines.append("| **whole register() / whole process** | " + " | ".join(
-        f"**{r['seconds_total']:.2f}** | **{_gib(r['peak_whole_process_bytes'])}**" for _, r in runs) + " |")
+            values = ("—", "—", "—") if seconds is None else (
+                f"{seconds:.2f}", _gib(r["peak_per_stage_bytes"].get(stage)),
+                _gib((r.get("gpu_peak_per_stage_bytes") or {}).get(stage)))
+            cells.extend(values[:len(columns)])
+        lines.append(row(stage, cells))
+    lines.append(row("**whole register() / whole process**",
+                     [c for _, r in runs for c in (f"**{r['seconds_total']:.2f}**",
+                                                   f"**{_gib(r['peak_whole_process_bytes'])}**",
+                                                   f"**{_gib(r.get('gpu_peak_bytes'))}**")[:len(columns)]]))
     return "\n".join(lines)
 
 
@@ -243,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-gib", type=float, default=24.0, help="memory budget the peaks are compared to")
     p.add_argument("--workdir", default=None, help="keep the inputs and checkpoint here (default: a temp dir)")
     p.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where register() runs its networks (default cpu; cuda also reports peak GPU memory)")
+    p.add_argument("--segmentor", action="store_true",
+                   help="no fixed label map: the segmentation stage runs a random-init SwinUNETR (end to end)")
+    p.add_argument("--segmentor-feature-size", type=int, default=48,
+                   help="SwinUNETR feature size for --segmentor (48 = the BTCV bundle's base model)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     return p
 
@@ -260,6 +308,11 @@ def main(argv: list[str] | None = None) -> dict:
     model_shape = args.model_shape or tuple(int(16 * math.ceil(s / 16)) for s in shape)
     if any(s % 16 for s in model_shape):
         raise SystemExit(f"--model-shape {model_shape} must be divisible by 16 along every axis")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--device cuda: torch sees no GPU here")
     started = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
     temp = None
@@ -270,11 +323,14 @@ def main(argv: list[str] | None = None) -> dict:
         temp = tempfile.mkdtemp(prefix="textscf-pipeline-resources-")
         workdir = Path(temp)
     try:
+        segmentor = args.segmentor_feature_size if args.segmentor else None
         prep = prepare_inputs(workdir, shape, spacing, model_shape, args.start_channels, args.hidden_channels,
-                              args.variation)
-        forward = run_child(workdir, 0, args.threads)
-        one_pass = run_child(workdir, 0, args.threads, debias=False)
-        refine = run_child(workdir, args.refine_iterations, args.threads)
+                              args.variation, segmentor)
+        forward = run_child(workdir, 0, args.threads, device=args.device, segmentor_feature_size=segmentor)
+        one_pass = run_child(workdir, 0, args.threads, debias=False, device=args.device,
+                             segmentor_feature_size=segmentor)
+        refine = run_child(workdir, args.refine_iterations, args.threads, device=args.device,
+                           segmentor_feature_size=segmentor)
     finally:
         if temp is not None:
             shutil.rmtree(temp, ignore_errors=True)
@@ -294,10 +350,13 @@ def main(argv: list[str] | None = None) -> dict:
     budget = args.budget_gib * GIB
     size = "x".join(map(str, shape))
     msize = "x".join(map(str, model_shape))
-    print(f"# register() resources on the CPU\n\nPhantom pair {size} at {'x'.join(f'{s:g}' for s in spacing)} mm "
+    where = f"the GPU ({forward['gpu']})" if forward.get("gpu") else "the CPU"
+    labels = (f"fixed regions from a random-init SwinUNETR (feature size {args.segmentor_feature_size}; no fixed "
+              "label map, so no Dice)" if args.segmentor else "labels given (Dice on)")
+    print(f"# register() resources on {where}\n\nPhantom pair {size} at {'x'.join(f'{s:g}' for s in spacing)} mm "
           f"(two subjects, variation {args.variation}); random-init textSCF checkpoint N_s = {args.start_channels}, "
           f"CΦ = {args.hidden_channels}, {prep['params']:,} parameters, model grid {msize} at the same spacing; "
-          f"labels given (Dice on), centre alignment, device cpu.\nCPU: {cpu} ({os.cpu_count()} logical CPUs), torch "
+          f"{labels}, centre alignment, device {forward['device']}.\nCPU: {cpu} ({os.cpu_count()} logical CPUs), torch "
           f"{torch.__version__}, {forward['threads']} intra-op threads in each child, load average {load_start} at "
           "start. Each run in a fresh subprocess.\n")
     print(table)
@@ -317,7 +376,8 @@ def main(argv: list[str] | None = None) -> dict:
               f"{_gib(increment)} GiB over the {_gib(r['rss_before_register_bytes'])} GiB resident before it; "
               f"register() {r['seconds_total']:.1f} s; mean Dice {_num(r['mean_dice_before'])} unaligned, "
               f"{_num(r['mean_dice_initial_alignment'])} after the centre alignment, {_num(r['mean_dice'])} after "
-              "register() (random weights: the cost is what counts here).")
+              "register() (random weights: the cost is what counts here)" +
+              (f"; peak GPU memory {_gib(r['gpu_peak_bytes'])} GiB." if r.get("gpu_peak_bytes") else "."))
     ratio_peak = (refine["peak_whole_process_bytes"] or math.nan) / (forward["peak_whole_process_bytes"] or math.nan)
     print(f"- refinement: register stage {refine['seconds_per_stage']['register']:.1f} s vs "
           f"{forward['seconds_per_stage']['register']:.1f} s for the forward alone, i.e. about {per_iteration:.1f} s "
