@@ -444,7 +444,8 @@ def remove_null_response(forward: np.ndarray, null: np.ndarray) -> tuple[np.ndar
     """
     error = torch.from_numpy(null)[None]
     undo_bias = warp_fields.invert(error)
-    residual = float(warp_fields.compose(error, undo_bias).norm(dim=1).max())  # x -> x + b(x) -> back to x?
+    # x -> x + b(x) -> back to x? (the length as a sum of squares: torch's norm over the 3 channels is ~30x slower)
+    residual = float(warp_fields.compose(error, undo_bias).square().sum(1).max().sqrt())
     return warp_fields.compose(undo_bias, torch.from_numpy(forward)[None])[0].numpy(), residual
 
 
