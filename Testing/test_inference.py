@@ -212,7 +212,7 @@ def test_benchmark_compares_the_inference_path_with_the_eager_forward(tmp_path, 
     finally:
         torch.set_num_threads(threads)
     printed = capsys.readouterr().out
-    assert "| reference | 32x32x48 | 1 |" in printed and "| bundled | 32x32x48 | 1 |" in printed
+    assert "| reference | 32x32x48 | cpu | 1 |" in printed and "| bundled | 32x32x48 | cpu | 1 |" in printed
     assert json.loads(out_json.read_text())["markdown"] == result["markdown"]
     for row in result["rows"]:
         assert set(row["median_seconds"]) == {"eager", "inference", "field", "contiguous"}
