@@ -181,6 +181,32 @@ def test_training_on_synthesised_pairs_raises_dice_and_logs_the_endpoint_error(t
     assert all(row["steps_per_s"] > 0 for row in result.history)
 
 
+def test_pairs_prepared_by_worker_processes_train_exactly_like_in_process(tmp_path):
+    """``textscf train --workers N``: synthesised pairs made in DataLoader workers are the pairs made in the training
+    process (each is seeded by its epoch and index), so the run is the same: same losses, same weights."""
+    from textscf.cli import build_parser
+    from textscf.datasets import Augmentation, Subject
+    from textscf.synthesis import SynthPairDataset
+
+    item = ellipsoid_pair()
+    subjects = [Subject(role, item[role][0].numpy(), item[f"{role}_regions"][0].numpy().astype(np.int16))
+                for role in ("moving", "fixed")]
+    still = Augmentation(rotation_deg=0, scale=0, translation_mm=0, elastic_mm=0, gamma=0, intensity_scale=0,
+                         noise_std=0)
+    runs = {}
+    for workers in (0, 2):
+        pairs = SynthPairDataset(subjects, [1, 2], pairs=[(0, 1)], pairs_per_epoch=4, intra_fraction=0.5,
+                                 known_field_mm=2.0, random_contrast=0.5, augment=still, seed=0)
+        settings = fast_settings(epochs=2, steps_per_epoch=4, field_weight=0.5, num_workers=workers)
+        runs[workers] = train(tiny_model(), pairs, tmp_path / str(workers), settings)
+    assert [r["loss"] for r in runs[2].history] == pytest.approx([r["loss"] for r in runs[0].history], rel=1e-5)
+    a, _ = load_checkpoint(tmp_path / "0" / "last.pt")
+    b, _ = load_checkpoint(tmp_path / "2" / "last.pt")
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-6, msg=name)
+    assert build_parser().parse_args(["train", "--data", "phantom", "-o", "out", "--workers", "3"]).workers == 3
+
+
 @pytest.mark.parametrize("modality", ["ct", "mri"])
 def test_training_and_inference_share_one_normaliser(modality):
     """The MRI mismatch (min-max in training, percentiles at inference) cannot come back: ``textscf train``'s
@@ -212,7 +238,7 @@ def test_train_options_are_range_checked(capsys):
 
     parser = build_parser()
     for bad in (["--lr", "nan"], ["--lr", "0"], ["--epochs", "0"], ["--intra-fraction", "1.5"], ["--seed", "-1"],
-                ["--dice-sigmas", "-1"], ["--threads", "0"], ["-o", ""]):
+                ["--dice-sigmas", "-1"], ["--threads", "0"], ["-o", ""], ["--workers", "-1"]):
         argv = ["train", "--data", "phantom", "-o", "out", *bad]
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(argv)

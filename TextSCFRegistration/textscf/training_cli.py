@@ -125,6 +125,10 @@ def add_train_parser(sub) -> None:
     p.add_argument("--init", choices=["kaiming", "reference"], default="kaiming",
                    help="weight initialisation of a fresh network: kaiming (trains) or reference (the authors')")
     p.add_argument("--threads", type=count, default=None, help="CPU threads for torch")
+    p.add_argument("--workers", type=int_option(0, 64, "a number of processes"), default=0,
+                   help="DataLoader worker processes that prepare (synthesise, augment) the next pairs while the "
+                        "network trains; 0 = in the training process. The pairs are the same either way (each is "
+                        "seeded by its epoch and index). Use a few on a GPU, where preparing a pair outlasts a step")
     p.add_argument("--phantoms", type=int_option(2), default=12, help="phantom subjects for --data phantom")
     p.add_argument("--shared-data", type=Path, default=DEFAULT_SHARED_DATA, help="the shared data folder")
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
@@ -184,7 +188,8 @@ def cmd_train(args) -> int:
         epochs=args.epochs, stop_after=args.stop_after, steps_per_epoch=args.steps_per_epoch, learning_rate=args.lr,
         smooth_weight=args.smooth_weight, dice_weight=args.dice_weight, dice_sigmas=tuple(args.dice_sigmas),
         field_weight=args.field_weight, threads=args.threads, similarity=args.similarity, seed=args.seed,
-        bf16=args.bf16, compile=args.compile, device=args.device, show_progress=not args.quiet,
+        bf16=args.bf16, compile=args.compile, device=args.device, num_workers=args.workers,
+        show_progress=not args.quiet,
     )
     metadata = {
         "data": args.data, "val": val_sources, "train_subjects": [s.name for s in train_subjects],
