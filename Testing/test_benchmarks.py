@@ -136,18 +136,24 @@ def test_benchmark_variants_change_one_option_each_even_the_checkpoint():
     assert (rb.MODELS / "abdomen-ct-onehot-ns8.pt").is_file()
 
 
-def test_gpu_run_script_runs_its_checks_on_the_cpu(tmp_path):
-    """benchmarks/gpu_run.sh, the prepared GPU check, runs end to end here with TEXTSCF_DEVICE=cpu on tiny grids:
-    the versions, the inference comparison and both end-to-end pipeline runs (SwinUNETR segmentation included)."""
-    import json
+def _run_gpu_script(name: str, out: Path, **env) -> None:
+    """scripts/gpu/NAME run here on the CPU on tiny grids (TEXTSCF_DEVICE=cpu, TEXTSCF_QUICK=1), results in ``out``."""
     import os
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, OUT=str(tmp_path), TEXTSCF_DEVICE="cpu", TEXTSCF_QUICK="1", PYTHON=sys.executable)
-    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_run.sh")], cwd=root, env=env,
+    env = dict(os.environ, OUT=str(out), TEXTSCF_DEVICE="cpu", TEXTSCF_QUICK="1", PYTHON=sys.executable, **env)
+    proc = subprocess.run(["bash", str(root / "scripts" / "gpu" / name)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_gpu_check_script_runs_its_checks_on_the_cpu(tmp_path):
+    """scripts/gpu/check.sh, the prepared GPU check, runs end to end here with TEXTSCF_DEVICE=cpu on tiny grids:
+    the versions, the inference comparison and both end-to-end pipeline runs (SwinUNETR segmentation included)."""
+    import json
+
+    _run_gpu_script("check.sh", tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "inference.json", "inference.md", "pipeline.json", "pipeline.md", "pipeline_bundled_grid.md", "versions.txt"]
     versions = (tmp_path / "versions.txt").read_text()
@@ -194,3 +200,22 @@ def test_conv_precision_split_bf16_keeps_float32_accuracy(capsys):
         assert r["bf16 x3"]["max_error"] < 1e-4
         assert all(r[v]["seconds"] > 0 for v in ("float32", "bf16 math", "bf16 x3"))
     assert capsys.readouterr().out.count("| decoder 3^3, 32 -> 32") == 1
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[2] / "shared" / "data" / "abdomen").is_dir(),
+                    reason="needs ../shared/data (the BTCV label maps)")
+def test_gpu_train_script_trains_a_stage_and_compares_it_with_the_bundled_network(tmp_path):
+    """scripts/gpu/train.sh, the prepared GPU training stage, runs here on the CPU in its tiny configuration: one
+    epoch of two synthesised pairs from the bundled 8 mm weights, then both networks on two abdomen test pairs."""
+    from textscf.checkpoint import load_checkpoint
+
+    _run_gpu_script("train.sh", tmp_path, EPOCHS="1", STEPS="2", WORKERS="1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "best.pt", "last.pt", "log.csv", "results_bundled.md", "results_new.md", "train.log", "versions.txt"]
+    net, meta = load_checkpoint(tmp_path / "last.pt")
+    assert net.config.input_shape == (32, 32, 32) and meta["init_weights"].endswith("abdomen-ct-onehot-ns8-8mm.pt")
+    assert (tmp_path / "log.csv").read_text().splitlines()[0].startswith("epoch,lr,")
+    for which in ("new", "bundled"):
+        table = (tmp_path / f"results_{which}.md").read_text()
+        assert "| unregistered | 2 |" in table and "| textSCF | 2 |" in table
+    assert "last.pt" in (tmp_path / "results_new.md").read_text()

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Issue 11's GPU checks in one command, from the repository root of a machine with a CUDA GPU (see gpu_pack.sh for
-# the lent machine of this workplace). Results go to $OUT (default ./gpu-results), 6 files:
+# Issue 11's GPU checks in one command, from the repository root of a machine with a CUDA GPU (pack.sh prepares
+# this workplace's lent machine). Results go to $OUT (default ./gpu-results), 6 files:
 #   versions.txt                  the GPU, driver and package versions;
 #   inference.{md,json}           model_efficiency.py --inference on the GPU: eager vs the inference path, the
 #                                 reference-head model at 160x192x224 and the bundled model, with peak GPU memory;
@@ -10,17 +10,10 @@
 #   pipeline_bundled_grid.md      the same with the network on a 48x48x64 grid, the bundled model's size.
 # TEXTSCF_DEVICE=cpu runs the same on the CPU and TEXTSCF_QUICK=1 on tiny grids (the script's own test does both).
 set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+source scripts/gpu/env.sh
 out=${OUT:-gpu-results}
-device=${TEXTSCF_DEVICE:-cuda}
-py=${PYTHON:-python3}
 mkdir -p "$out"
-if [ -f .gpu/site.tar.xz ]; then
-  mkdir -p /tmp/textscf-site
-  tar -xJf .gpu/site.tar.xz -C /tmp/textscf-site || exit 1
-  export PYTHONPATH=/tmp/textscf-site
-fi
-export PYTHONPATH="$PWD/TextSCFRegistration:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
-threads=$(nproc)
 efficiency=(--inference --device "$device" --repeats 5 --inference-threads "$threads")
 pipeline=(--device "$device" --segmentor --refine-iterations 1 --threads "$threads")
 bundled_grid=(--model-shape 48,48,64)
@@ -29,13 +22,7 @@ if [ -n "${TEXTSCF_QUICK:-}" ]; then
   pipeline+=(--shape 32,32,32 --spacing 4,4,4 --segmentor-feature-size 12)
   bundled_grid=(--model-shape 16,16,16)
 fi
-{
-  [ "$device" = cuda ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-  "$py" -c "
-import SimpleITK, monai, numpy, torch
-print('torch', torch.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')
-print('SimpleITK', SimpleITK.Version_VersionString(), 'monai', monai.__version__, 'numpy', numpy.__version__)"
-} 2>&1 | tee "$out/versions.txt" || exit 1
+versions "$out/versions.txt" || exit 1
 status=0
 "$py" benchmarks/model_efficiency.py "${efficiency[@]}" --json "$out/inference.json" 2>&1 \
   | tee "$out/inference.md" || status=1
