@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 # A trained network's field is where the refinement starts; what finishes the registration is the field optimised on
 # the pair, coarse to fine (README benchmark): Adam on the displacement field at 1/4 then 1/2 of the field grid,
@@ -266,12 +266,9 @@ def with_steps(schedule: Schedule, network_steps: int | None, field_steps: int |
     if field_steps is None:
         field_steps = 0 if network_steps == 0 else schedule.field_steps
     fields = int(field_steps)
-    return Schedule(schedule.network, schedule.regions, steps, fields, schedule.grid_shape, schedule.device,
-                    estimate_refine_seconds(schedule.grid_shape, steps, fields, schedule.device,
-                                            schedule.field_levels, schedule.field_subdivision), "options",
-                    schedule.reason, schedule.field_levels, schedule.similarity,
-                    network_start=schedule.network_start, field_subdivision=schedule.field_subdivision,
-                    smooth_weight=schedule.smooth_weight)
+    seconds = estimate_refine_seconds(schedule.grid_shape, steps, fields, schedule.device, schedule.field_levels,
+                                      schedule.field_subdivision)
+    return replace(schedule, network_steps=steps, field_steps=fields, estimated_seconds=seconds, chosen_by="options")
 
 
 def takes_seconds_left(callback) -> bool:
