@@ -134,6 +134,14 @@ def test_benchmark_variants_change_one_option_each_even_the_checkpoint():
     assert defaults.checkpoint == network4.checkpoint == "new.pt" and network4.refine_iterations == 4
     assert previous.checkpoint.endswith("abdomen-ct-onehot-ns8.pt") and previous.refine_iterations is None
     assert (rb.MODELS / "abdomen-ct-onehot-ns8.pt").is_file()
+    # "fresh": the defaults without a trained network, i.e. the steps the default schedule gives a fresh network
+    from textscf.schedule import default_schedule
+
+    fresh = list(rb.default_rows(SimpleNamespace(variants=["fresh"]), checkpoint=None, preset="abdomen-ct",
+                                 init="none", device="cpu").values())[1]
+    schedule = default_schedule("fresh", (64, 64, 64))
+    assert fresh.checkpoint == "fresh" and fresh.refine_similarity == "auto"
+    assert (fresh.refine_iterations, fresh.refine_field_iterations) == (schedule.network_steps, schedule.field_steps)
 
 
 def _run_gpu_script(name: str, out: Path, **env) -> None:

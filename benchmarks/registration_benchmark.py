@@ -37,6 +37,7 @@ from textscf.datasets import (  # noqa: E402
 from textscf.phantom import PHANTOM_DIRECTION, random_affine, random_smooth_displacement, affine_to_displacement  # noqa: E402
 from textscf.pipeline import RegistrationOptions, register  # noqa: E402
 from textscf.presets import load_preset  # noqa: E402
+from textscf.schedule import FRESH_FIELD_STEPS, FRESH_NETWORK_STEPS  # noqa: E402
 from textscf.spatial import image_to_array, physical_displacement_to_voxel  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -160,6 +161,9 @@ VARIANTS = {
     "previous-model": ("defaults with the previous bundled model (4 mm, weakly trained: its field is about zero)",
                        dict(checkpoint=str(MODELS / "abdomen-ct-onehot-ns8.pt"))),
     "guided": ("defaults + Dice of the moving labels in the loss", dict(refine_use_moving_labels=True)),
+    "fresh": ("defaults without a trained network (a fresh one on the pair, as for anatomy no model covers)",
+              dict(checkpoint="fresh", refine_iterations=FRESH_NETWORK_STEPS,
+                   refine_field_iterations=FRESH_FIELD_STEPS)),
 }
 
 
