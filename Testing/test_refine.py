@@ -213,3 +213,73 @@ def test_field_steps_start_from_a_given_field():
     with pytest.raises(InputError, match="shape"):
         refine_on_pair(tiny_net(), moving, fixed, fixed_regions, start=right[:, :16],
                        settings=RefineSettings(iterations=0, field_iterations=2))
+
+
+@pytest.mark.parametrize("similarity", ["mind+mse", "mse"])
+def test_a_field_of_view_edge_left_out_of_the_similarity_does_not_pull_the_field(similarity):
+    """The fixed image ends at a plane through an organ (its scan's edge: fill beyond), the moving image does not;
+    where both have data they are the same, so the true field is zero. Counted everywhere, the fill pulls the
+    organ towards the edge; with the weight of ``pipeline.overlap_weight`` (0 near and beyond the edge) it stays."""
+    moving, regions = blobs(0)
+    fixed = moving.copy()
+    fixed[:, :, 20:] = 0.0  # the organ spans k = 9..23: cut at 20
+    weight = np.ones(fixed.shape, np.float32)
+    weight[:, :, 17:] = 0.0  # 3 voxels of margin, as the pipeline leaves
+    settings = RefineSettings(iterations=0, field_iterations=60, field_levels=(2, 1), similarity=similarity,
+                              patience=0)
+    counted = refine_on_pair(_NoForward(), moving, fixed, regions, settings=settings).displacement
+    weighted = refine_on_pair(_NoForward(), moving, fixed, regions, settings=settings, weight=weight).displacement
+    organ = regions > 0
+    organ[:, :, 20:] = False  # where the fixed image shows it
+    moved = np.sqrt((counted ** 2).sum(0))[organ]
+    kept = np.sqrt((weighted ** 2).sum(0))[organ]
+    assert moved.max() > 1.0, moved.max()
+    assert kept.max() < 0.25 * moved.max() and kept.mean() < 0.25 * moved.mean(), (kept.max(), moved.max())
+    with pytest.raises(InputError, match="share no field of view"):
+        refine_on_pair(_NoForward(), moving, fixed, regions, settings=settings, weight=np.zeros_like(weight))
+    with pytest.raises(InputError, match="grid's shape"):
+        refine_on_pair(_NoForward(), moving, fixed, regions, settings=settings, weight=weight[:-1])
+
+
+def test_register_leaves_what_lies_outside_either_field_of_view_out_of_the_refinement(monkeypatch):
+    """register() hands the refinement the overlap weight of its grid: 1 exactly at the grid points that lie at least
+    FIELD_OF_VIEW_MARGIN_VOXELS grid voxels inside the fixed image and inside the moving image (here shifted by 6 mm,
+    no initial alignment), 0 elsewhere."""
+    import textscf.refine
+    from textscf import pipeline
+    from textscf.spatial import ModelGrid
+
+    fixed, fixed_regions = blobs(0)
+    moving, _ = blobs(3)
+    fixed_img, moving_img = _image(fixed), _image(moving)
+    moving_img.SetOrigin((6.0, 0.0, 0.0))  # its field of view starts 6 mm further along x
+    seen = {}
+    real_weight, real_refine = pipeline.overlap_weight, textscf.refine.refine_on_pair
+
+    def weight_spy(grid, *args, **kwargs):
+        seen["grid"] = grid
+        return real_weight(grid, *args, **kwargs)
+
+    def refine_spy(*args, **kwargs):
+        seen["weight"] = kwargs["weight"]
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "overlap_weight", weight_spy)
+    monkeypatch.setattr(textscf.refine, "refine_on_pair", refine_spy)
+    options = RegistrationOptions(checkpoint="fresh", region_names=["left", "right"], label_values=[1, 2], init="none",
+                                  refine_iterations=2, refine_similarity="mse", fresh_grid_factor=1.0, seed=0)
+    result = register(fixed_img, moving_img, options, fixed_labels=_image(fixed_regions, sitk.sitkUInt8))
+    assert result.stats["refine"]["iterations"] >= 1
+    grid, weight = seen["grid"], seen["weight"]
+    margin = pipeline.FIELD_OF_VIEW_MARGIN_VOXELS * max(grid.spacing)  # 4 mm on this 1 mm grid
+    # the grid points in mm (identity directions here), against both images' extents (their voxels' outer faces)
+    points = [grid.origin[a] + grid.spacing[a] * np.arange(grid.shape[a]) for a in range(3)]
+    inside = np.ones(grid.shape, bool)
+    for origin in ((0.0, 0.0, 0.0), (6.0, 0.0, 0.0)):
+        for a in range(3):
+            ok = (points[a] >= origin[a] - 0.5 + margin) & (points[a] <= origin[a] + 31.5 - margin)
+            inside &= ok.reshape([-1 if b == a else 1 for b in range(3)])
+    np.testing.assert_array_equal(weight, inside.astype(np.float32))
+    assert 0 < weight.mean() < 1
+    # the fixed image on its own grid, with no margin: every voxel counts, and no weight is made
+    assert real_weight(ModelGrid.from_image(fixed_img), fixed_img, fixed_img, None, margin_mm=0.0) is None

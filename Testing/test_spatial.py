@@ -447,3 +447,29 @@ def test_subdivided_grid_is_the_same_box_and_carries_fields_exactly():
     inside = interior_mask(coarse.physical_to_index(fine.physical_points()), coarse.shape, margin=0.0)
     assert inside.mean() > 0.7
     np.testing.assert_allclose(got[inside], mm(fine.physical_points())[inside], atol=1e-9)
+
+
+def test_field_of_view_weight_keeps_the_grid_points_a_margin_inside_the_image():
+    """``field_of_view_weight``: 1 where the mapped grid point lies ``margin_mm`` inside the image's outer voxel faces
+    along each of its axes (anisotropic spacing, a translation), and a transform that is not matrix-offset takes the
+    resampling path with the same answer where no margin applies."""
+    image = sitk.Image([20, 10, 8], sitk.sitkFloat32)
+    image.SetSpacing((2.0, 1.0, 3.0))
+    image.SetOrigin((5.0, -3.0, 7.0))
+    assert sp.field_of_view_weight(image, image).all()
+    # margin 2 mm: 1 voxel of 2 mm, 2 of 1 mm, 1 of 3 mm (the first voxel centre is only 1.5 mm inside) on each side
+    weight = sp.field_of_view_weight(image, image, margin_mm=2.0)
+    assert weight.dtype == np.float32 and weight.shape == (20, 10, 8)
+    assert weight.sum() == 18 * 6 * 6 and weight[1:19, 2:8, 1:7].all()
+    shifted = sp.field_of_view_weight(image, image, sitk.TranslationTransform(3, (4.0, 0.0, 0.0)))
+    assert shifted[:18].all() and not shifted[18:].any()  # grid points 4 mm = 2 voxels further along i
+    # a larger grid around the image: zero beyond it, by both paths
+    grid = sitk.Image([26, 14, 10], sitk.sitkFloat32)
+    grid.SetSpacing(image.GetSpacing())
+    grid.SetOrigin((5.0 - 6.0, -3.0 - 2.0, 7.0 - 3.0))
+    analytic = sp.field_of_view_weight(grid, image)
+    assert analytic.sum() == 20 * 10 * 8 and analytic[3:23, 2:12, 1:9].all()
+    zero_field = sitk.Image([26, 14, 10], sitk.sitkVectorFloat64)
+    zero_field.CopyInformation(grid)
+    resampled = sp.field_of_view_weight(grid, image, sitk.DisplacementFieldTransform(zero_field))
+    np.testing.assert_array_equal(resampled, analytic)

@@ -39,6 +39,7 @@ from textscf.spatial import (
     IntensityNormaliser,
     ModelGrid,
     compose_with_initial,
+    field_of_view_weight,
     fit_box_centre,
     image_to_array,
     model_grid_for,
@@ -739,6 +740,8 @@ class ModelInputs:
     regions: np.ndarray
     confidence: np.ndarray
     lut: np.ndarray | None
+    #: 1 where both images have data (:func:`overlap_weight`), for the refinement's similarity; None = everywhere
+    weight: np.ndarray | None = None
 
 
 def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init, rows: list[int],
@@ -750,13 +753,33 @@ def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init,
         grid = model_grid(net.config, fixed, body)
     fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
     moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
+    weight = overlap_weight(grid, fixed, moving, init)
     if seg is None:
         return ModelInputs(grid, fixed_m, moving_m, np.zeros(grid.shape, np.int64), np.zeros(grid.shape, np.float32),
-                           None)
+                           None, weight)
     lut = np.array([0] + rows, dtype=np.int64)
     regions = lut[image_to_array(resample_to_grid(seg.regions, grid, None, "nearest", 0)).astype(np.int64)]
     confidence = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(np.float32)
-    return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut)
+    return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut, weight)
+
+
+#: How far inside both images' fields of view the refinement's similarity counts a voxel, in voxels of the grid it
+#: runs on (:func:`overlap_weight`): about the reach of a MIND-SSC descriptor there (offsets of 2 voxels, a 3-voxel
+#: box), whose values near a field-of-view edge see the fill beyond it.
+FIELD_OF_VIEW_MARGIN_VOXELS = 4.0
+
+
+def overlap_weight(grid: ModelGrid, fixed: sitk.Image, moving: sitk.Image, init,
+                   margin_mm: float | None = None) -> np.ndarray | None:
+    """``(I, J, K)`` float32 on ``grid``: 1 where the fixed image and the moving image mapped by ``init`` both have
+    data at least ``margin_mm`` inside their fields of view (default :data:`FIELD_OF_VIEW_MARGIN_VOXELS` of the
+    grid's coarsest spacing), else 0; None when that is every voxel. Beyond either
+    field of view a resampled image holds only its fill value, and an edge that is not anatomy (a scan's end, the
+    rim of a rotated volume) would pull the tissue next to it: the refinement's similarity leaves those voxels out
+    (ITK and elastix likewise count only samples inside both images)."""
+    margin = FIELD_OF_VIEW_MARGIN_VOXELS * float(max(grid.spacing)) if margin_mm is None else margin_mm
+    weight = field_of_view_weight(grid, fixed, None, margin) * field_of_view_weight(grid, moving, init, margin)
+    return None if weight.all() else weight
 
 
 def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, moving_seg, init,
@@ -787,7 +810,7 @@ def _register_stage(run: _Run, inputs: ModelInputs, field_inputs: ModelInputs, m
         moving_regions = _moving_regions(moving_seg, on, init) if run.guide else None
         return refine_on_pair(run.net, on.moving, on.fixed, on.regions, on.confidence, moving_regions,
                               settings=settings, device=run.device, cancel=steps.check_cancel, progress=progress,
-                              start=start)
+                              start=start, weight=on.weight)
 
     run_note = None
     if field_inputs is inputs:

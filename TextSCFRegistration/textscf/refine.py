@@ -258,6 +258,7 @@ def refine_on_pair(
     progress: Callable[[int, int, float | None], None] | None = None,
     fresh: bool = False,
     start: np.ndarray | None = None,
+    weight: np.ndarray | None = None,
 ) -> RefineResult:
     """Optimise a copy of ``net`` on one pair; ``net`` itself is left unchanged.
 
@@ -275,12 +276,18 @@ def refine_on_pair(
         fresh: start from a fresh initialisation instead of ``net``'s weights.
         start: ``(3, I, J, K)`` voxels of this grid: the field steps start from it (a network's field brought from
             its own grid); needs ``settings.iterations == 0``, as the network does not run on this grid.
+        weight: ``(I, J, K)`` in [0, 1] or None (1): how much each voxel counts in the field steps' MSE-type
+            similarity (MSE, MIND); 0 where either image has no data (``pipeline.overlap_weight``). Local NCC and
+            the network steps count every voxel.
 
     Returns:
         :class:`RefineResult` with the refined displacement ``(3, I, J, K)`` in model-grid voxels.
     """
     settings = settings or RefineSettings()
     _check_settings(settings)
+    if weight is not None and tuple(weight.shape) != tuple(fixed.shape):
+        raise InputError(f"the similarity weight must have the grid's shape {tuple(fixed.shape)}, got "
+                         f"{tuple(weight.shape)}")
     if start is not None and (settings.iterations > 0 or tuple(start.shape) != (3,) + tuple(fixed.shape)):
         raise InputError(f"a start field needs 0 network steps and the shape (3,) + {tuple(fixed.shape)}; got "
                          f"{settings.iterations} steps and {tuple(start.shape)}")
@@ -290,7 +297,7 @@ def refine_on_pair(
     model = copy.deepcopy(net).to(device).train()
     if fresh:
         reset_weights(model, settings.seed)
-    pair = _Pair(model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device)
+    pair = _Pair(model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device, weight)
     result = RefineResult(displacement=np.zeros((3,) + tuple(fixed.shape), np.float32))
     loop = _Loop(settings, result, cancel, progress)
     try:
@@ -333,7 +340,8 @@ class _Pair:
     """The pair as tensors on the device ``(1, 1, I, J, K)``, the one-hot label maps of the Dice term (only the
     regions present in either), and what the similarity compares, computed once per (similarity, pooling)."""
 
-    def __init__(self, model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device):
+    def __init__(self, model, moving, fixed, fixed_regions, confidence, moving_regions, settings, device,
+                 weight=None):
         def t(a, dtype=torch.float32):
             return torch.from_numpy(np.ascontiguousarray(a)).to(device=device, dtype=dtype)[None, None]
 
@@ -341,6 +349,7 @@ class _Pair:
         self.m, self.f = t(moving), t(fixed)
         self.regions = t(fixed_regions, torch.long)
         self.p = None if confidence is None else t(confidence)
+        self.weight = None if weight is None else t(weight)
         self.use_dice = moving_regions is not None and settings.dice_weight > 0
         self.fixed_onehot = self.moving_onehot = None
         if self.use_dice:
@@ -487,7 +496,17 @@ def _field_level(start: torch.Tensor, fm: torch.Tensor, ff: torch.Tensor, factor
     if pair.field_similarity == "ncc":
         from textscf.losses import LocalNCC
         ncc = LocalNCC(ff, settings.ncc_window)  # the fixed image's window statistics, once per level
+    # the share of each level voxel that counts (both images have data there); None: all of them
+    w = None if pair.weight is None or ncc is not None else _pool(pair.weight, factor)
+    w_flat = None if w is None else w.flatten()
+    counted = None if w is None else torch.nonzero(w_flat > 0).flatten()  # the voxels samples are drawn from
+    if counted is not None and counted.numel() == 0:
+        raise InputError("the fixed and the moving image share no field of view after the initial alignment: "
+                         "check that they show the same anatomy, or try another --init")
     voxels = math.prod(shape)
+    # the mean over every voxel, those left out counting as matched: the similarity keeps its scale against the
+    # regulariser (a mean over the counted voxels alone would weigh it up where the overlap is small)
+    share = 1.0 if counted is None else counted.numel() / voxels
     samples = int(round(settings.field_sample_fraction * voxels))
     if settings.field_samples > 0:
         samples = min(voxels, int(settings.field_samples))
@@ -499,12 +518,19 @@ def _field_level(start: torch.Tensor, fm: torch.Tensor, ff: torch.Tensor, factor
     def level_loss():
         v = _smooth(half, settings.field_smoothing)
         if sampling:  # a new random subset of voxels every step (stochastic gradient, as elastix samples)
-            at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
-            sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
+            if counted is None:
+                at = torch.randint(0, voxels, (samples,), device=device, generator=generator)
+                sim = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean()
+            else:
+                at = counted[torch.randint(0, counted.numel(), (samples,), device=device, generator=generator)]
+                error = (warp(fm, v, at) - ff_flat[:, :, at]).pow(2).mean(1)[0]
+                sim = (error * w_flat[at]).mean() * share
         elif ncc is not None:
             sim = ncc(warp(fm, v))
-        else:
+        elif w is None:
             sim = (warp(fm, v) - ff).pow(2).mean()
+        else:
+            sim = ((warp(fm, v) - ff).pow(2).mean(1, keepdim=True) * w).mean()
         total = sim + field_smooth * _weighted_gradient_loss(v, weights)
         if pair.use_dice:
             from textscf.losses import soft_dice_loss

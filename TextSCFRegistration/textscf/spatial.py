@@ -334,6 +334,41 @@ def resample_to_grid(image: sitk.Image, grid: GridLike, transform: sitk.Transfor
                          _interpolator(interpolator), float(default_value), image.GetPixelID())
 
 
+def field_of_view_weight(grid: GridLike, image: sitk.Image, transform: sitk.Transform | None = None,
+                         margin_mm: float = 0.0) -> np.ndarray:
+    """``(I, J, K)`` float32 on ``grid``: 1 where ``T(x)`` (T = ``transform``, the identity if None) lies inside
+    ``image``'s extent (its voxels' outer faces) by at least ``margin_mm`` along each of its axes, else 0.
+
+    Outside an image's field of view a resampled copy holds only the fill value: a similarity that counts those
+    voxels pulls tissue towards the artificial edge. For matrix-offset transforms (every alignment the engine
+    computes) the margin is exact; for any other transform the image's own voxels are resampled (nearest) and the
+    margin is not applied."""
+    from textscf.deformation import matrix_offset
+
+    g = _as_grid(grid)
+    affine = matrix_offset(transform)
+    if affine is None:
+        ones = sitk.Image(image.GetSize(), sitk.sitkUInt8) + 1
+        ones.CopyInformation(image)
+        return image_to_array(resample_to_grid(ones, g, transform, "nearest", 0)).astype(np.float32)
+    m, t = affine
+    size = np.asarray(image.GetSize(), dtype=np.float64)
+    spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
+    to_index = np.linalg.inv(np.asarray(image.GetDirection(), dtype=np.float64).reshape(3, 3) @ np.diag(spacing))
+    # grid index -> image continuous index is affine: a @ idx + b
+    a = to_index @ m @ g.index_to_physical_matrix
+    b = to_index @ (m @ np.asarray(g.origin, dtype=np.float64) + t - np.asarray(image.GetOrigin(), dtype=np.float64))
+    low = -0.5 + margin_mm / spacing  # the extent shrunk by the margin, in index units
+    high = size - 0.5 - margin_mm / spacing
+    inside = np.ones(g.shape, dtype=bool)
+    axes = [np.arange(n, dtype=np.float64) for n in g.shape]
+    for r in range(3):  # one image axis at a time: its index is a sum of one term per grid axis
+        c = (a[r, 0] * axes[0] + b[r])[:, None, None] + (a[r, 1] * axes[1])[None, :, None] \
+            + (a[r, 2] * axes[2])[None, None, :]
+        inside &= (c >= low[r]) & (c <= high[r])
+    return inside.astype(np.float32)
+
+
 def image_to_array(img: sitk.Image) -> np.ndarray:
     """Scalar image -> ``(I, J, K)`` array; vector image -> ``(C, I, J, K)`` (a copy, in ITK index order)."""
     arr = sitk.GetArrayFromImage(img)
