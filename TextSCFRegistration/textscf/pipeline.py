@@ -641,6 +641,7 @@ def register(
             grid = field_grid(inputs.grid, run.schedule.field_subdivision, fixed)
             if not same_grid(grid, inputs.grid):
                 field_inputs = model_inputs(run.net, fixed, moving, seg, init, run.rows, grid)
+            field_inputs.weight = overlap_weight(field_inputs.grid, fixed, moving, init)  # the field steps' own
     with steps.stage("register"):
         u_model, u_grid = _register_stage(run, inputs, field_inputs, moving_seg, init, options, steps, stats)
         del field_inputs
@@ -740,7 +741,8 @@ class ModelInputs:
     regions: np.ndarray
     confidence: np.ndarray
     lut: np.ndarray | None
-    #: 1 where both images have data (:func:`overlap_weight`), for the refinement's similarity; None = everywhere
+    #: 1 where both images have data (:func:`overlap_weight`), for the field steps' similarity; None = everywhere
+    #: (set by register() on the grid the field steps run on)
     weight: np.ndarray | None = None
 
 
@@ -753,14 +755,13 @@ def model_inputs(net: TextSCFNet, fixed, moving, seg: Segmentation | None, init,
         grid = model_grid(net.config, fixed, body)
     fixed_m = normalise_for_model(resample_to_grid(fixed, grid, None, "linear", _background(fixed)), net)
     moving_m = normalise_for_model(resample_to_grid(moving, grid, init, "linear", _background(moving)), net)
-    weight = overlap_weight(grid, fixed, moving, init)
     if seg is None:
         return ModelInputs(grid, fixed_m, moving_m, np.zeros(grid.shape, np.int64), np.zeros(grid.shape, np.float32),
-                           None, weight)
+                           None)
     lut = np.array([0] + rows, dtype=np.int64)
     regions = lut[image_to_array(resample_to_grid(seg.regions, grid, None, "nearest", 0)).astype(np.int64)]
     confidence = image_to_array(resample_to_grid(seg.confidence, grid, None, "linear", 1.0)).astype(np.float32)
-    return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut, weight)
+    return ModelInputs(grid, fixed_m, moving_m, regions, confidence, lut)
 
 
 #: How far inside both images' fields of view the refinement's similarity counts a voxel, in voxels of the grid it
